@@ -1,0 +1,68 @@
+"""Differentiable DDIM (eta = 0) in the sigma parameterisation, with DRaFT's gradient truncation.
+
+Shaped like k-diffusion's samplers: a "model" is any callable `model(x, sigma, **extra_args) -> x0_hat`
+(classifier-free guidance included), with `x = x0 + sigma * eps` and `sigma` of shape (batch,). The
+sampler knows nothing of UNets, prompts or ComfyUI; `comfy.samplers.KSAMPLER(sample_ddim)` runs it
+inside ComfyUI's CFGGuider, and `backends.diffusers` wraps a diffusers UNet as such a model.
+
+DRaFT (Clark et al., ICLR 2024) backpropagates a reward through the last `grad_steps` (K) sampling
+steps: the first T - K steps run without autograd and the latent is detached at the boundary.
+"""
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+
+def ddim_step(x, denoised, sigma, sigma_next):
+    """One DDIM (eta = 0) step: keep the predicted noise, move to `sigma_next`.
+
+    x_next = denoised + sigma_next * (x - denoised) / sigma, equal to DDPM-space DDIM
+    `x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps` after dividing by sqrt(a_prev). Written in the
+    Euler form that ComfyUI's "ddim" sampler evaluates, so both round alike. At `sigma_next = 0` it
+    returns `denoised` itself, so the last step carries the model's gradient.
+    """
+    if sigma_next == 0:
+        return denoised
+    return x + (x - denoised) / sigma * (sigma_next - sigma)
+
+
+def check_grad_steps(grad_steps, steps):
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= grad_steps <= steps:
+        raise ValueError(f"grad_steps (K) must be between 0 and the number of sampling steps ({steps}), got {grad_steps}")
+
+
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, grad_steps=0, checkpoint=True):
+    """DDIM sampling from `x` (already scaled to `sigmas[0]`) down the schedule `sigmas` (ending at 0).
+
+    grad_steps: K, the number of final steps differentiated. 0 builds no autograd graph at all;
+        len(sigmas) - 1 differentiates the full chain (DRaFT); in between is DRaFT-K.
+    checkpoint: recompute each differentiated step's activations in the backward pass, so memory
+        holds one latent per differentiated step plus one step's activations.
+    callback: called after every step with {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} (k-diffusion's
+        convention, which ComfyUI's previews and progress bars consume).
+    `disable` is accepted for k-diffusion signature compatibility (progress bars live in callbacks).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    steps = len(sigmas) - 1
+    check_grad_steps(grad_steps, steps)
+    first_grad_step = steps - grad_steps
+    s_in = x.new_ones([x.shape[0]])
+
+    def denoise(x, sigma):
+        return model(x, sigma * s_in, **extra_args)
+
+    for i in range(steps):
+        differentiated = i >= first_grad_step and torch.is_grad_enabled()
+        if i == first_grad_step:
+            x = x.detach()  # DRaFT-K's stop-gradient at the truncation boundary
+        with torch.set_grad_enabled(differentiated):
+            if differentiated and checkpoint:
+                denoised = _checkpoint(denoise, x, sigmas[i], use_reentrant=False)
+            else:
+                denoised = denoise(x, sigmas[i])
+            x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x_next
+    return x

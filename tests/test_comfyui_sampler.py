@@ -1,0 +1,112 @@
+"""DRaFTDDIMSampler against ComfyUI's own KSampler (ddim / ddim_uniform), through real prompt execution."""
+import pytest
+import torch
+from comfyui_harness import PromptError
+from safetensors.torch import load_file
+
+
+def sampling_prompt(ckpt, steps, cfg=7.5, seed=42, batch=2, size=64, prediction=None):
+    model = ["1", 0]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor fox in the snow", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+    }
+    if prediction:  # e.g. v_prediction: the SD2.x parameterisation, patched by ComfyUI's own node
+        prompt["9"] = {"class_type": "ModelSamplingDiscrete",
+                       "inputs": {"model": model, "sampling": prediction, "zsnr": False}}
+        model = ["9", 0]
+    common = {"model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+              "seed": seed, "steps": steps, "cfg": cfg}
+    prompt["5"] = {"class_type": "KSampler", "inputs": dict(common, sampler_name="ddim", scheduler="ddim_uniform",
+                                                            denoise=1.0)}
+    prompt["6"] = {"class_type": "DRaFTDDIMSampler", "inputs": common}
+    prompt["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "ref/ksampler"}}
+    prompt["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "ref/draft"}}
+    return prompt
+
+
+def saved_latent(comfyui, history, node_id):
+    (info,) = history["outputs"][node_id]["latents"]
+    return load_file(str(comfyui.output_path(info)))["latent_tensor"]
+
+
+def test_pack_loads_through_comfyui_loader(comfyui):
+    assert "DRaFTDDIMSampler" in comfyui.nodes.NODE_CLASS_MAPPINGS
+    assert any(path.endswith("comfy-draft") for path in comfyui.nodes.LOADED_MODULE_DIRS.values())
+    assert not [line for line in comfyui.import_log if "IMPORT FAILED" in line and "comfy-draft" in line]
+
+
+@pytest.mark.parametrize("steps,prediction", [(10, None), (7, None), (8, "v_prediction")])
+def test_matches_ksampler_ddim_uniform(comfyui, tiny_sd15, steps, prediction):
+    history = comfyui.run(sampling_prompt(tiny_sd15, steps, prediction=prediction))
+    ref, ours = saved_latent(comfyui, history, "7"), saved_latent(comfyui, history, "8")
+    assert ref.shape == ours.shape == (2, 4, 8, 8)
+    assert ref.std() > 0.05  # a real sample, not zeros
+    diff = (ref - ours).abs().max().item()
+    print(f"steps={steps} prediction={prediction or 'eps'}: max |KSampler - DRaFT| = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_rejects_flow_model(comfyui, tiny_sd15):
+    prompt = sampling_prompt(tiny_sd15, 4)
+    prompt["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    prompt["6"]["inputs"]["model"] = ["9", 0]
+    del prompt["5"], prompt["7"]
+    with pytest.raises(PromptError, match="eps- or v-prediction"):
+        comfyui.run(prompt)
+
+
+def test_bad_input_errors(comfyui, tiny_sd15):
+    import comfy.sd
+    from comfy_draft import sampling
+
+    backend = pytest.importorskip("comfy_draft.backends.comfyui")
+    model = comfy.sd.load_checkpoint_guess_config(
+        str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)), output_vae=False, output_clip=False)[0]
+    cond = [[torch.zeros(1, 77, 768), {}]]
+    latent16 = {"samples": torch.randn(1, 16, 8, 8)}
+    with pytest.raises(ValueError, match="16 channels.*expects 4"):
+        backend.sample(model, cond, cond, latent16, 0, 4, 7.5)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        backend.sample(model, cond, cond, latent, 0, 0, 7.5)
+    with pytest.raises(ValueError, match=r"grad_steps \(K\) must be between 0 and the number of sampling steps \(4\)"):
+        backend.sample(model, cond, cond, latent, 0, 4, 7.5, grad_steps=5)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        sampling.sample_ddim(lambda x, s: x, torch.zeros(1), torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_gradient_through_comfyui_model(comfyui, tiny_sd15, checkpoint):
+    """K = 1 through ComfyUI's CFGGuider reaches a UNet weight; K = 0 builds no graph."""
+    import comfy.sd
+    from comfy_draft.backends import comfyui as backend
+
+    model, clip = comfy.sd.load_checkpoint_guess_config(
+        str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)), output_vae=False)[:2]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red apple"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    weight = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    seen = []
+
+    def loss_backward(x):
+        seen.append(x.detach().clone())
+        x.square().mean().backward()
+
+    with torch.enable_grad():
+        weight.requires_grad_(True)
+        try:
+            out0 = backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=0)
+            assert not out0.requires_grad and out0.grad_fn is None
+            with pytest.raises(ValueError, match="needs `within`"):
+                backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=1)
+            out = backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=1, checkpoint=checkpoint,
+                                 within=loss_backward)
+        finally:
+            weight.requires_grad_(False)
+    torch.testing.assert_close(out.detach(), out0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.model.process_latent_out(seen[0]), out0, rtol=0, atol=1e-5)
+    assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0

@@ -1,0 +1,71 @@
+"""Tiny, seeded, randomly initialised models in real on-disk formats (generated at test time, cached)."""
+import os
+import pathlib
+
+import torch
+
+CACHE = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "models"
+
+# The smallest UNet that ComfyUI's model detection still calls SD15: SD1.5's widths and context
+# size (model_channels 320, context_dim 768), one level, one res block.
+TINY_SD15_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
+    use_spatial_transformer=True, context_dim=768, num_heads=8, num_head_channels=-1, legacy=False,
+    use_linear_in_transformer=False,
+)
+SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+              ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+
+
+def reinit_(module, generator):
+    """Seeded init that does not depend on the module's own (possibly skipped) init."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            else:
+                p.fill_(1.0)  # norm scales
+    return module
+
+
+def write_tiny_sd15_checkpoint(path, seed=0):
+    """An SD1.5-layout checkpoint (ldm keys) with a tiny UNet and full-size CLIP-L and SD VAE."""
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    g = torch.Generator().manual_seed(seed)
+    ops = comfy.ops.disable_weight_init
+    unet = reinit_(UNetModel(**TINY_SD15_UNET, operations=ops), g)
+    # Zero-initialised output convs (the usual choice) would make the model ignore its input.
+    vae = reinit_(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4), g)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+    sd = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                           ("cond_stage_model.transformer.", clip)):
+        for k, v in module.state_dict().items():
+            if k.endswith("position_ids"):
+                continue
+            sd[prefix + k] = v.detach().to(torch.float16).contiguous()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_sd15_checkpoint(seed=0):
+    path = CACHE / f"tiny_sd15_seed{seed}.safetensors"
+    if not path.exists():
+        write_tiny_sd15_checkpoint(path, seed)
+    return path
