@@ -31,11 +31,11 @@ def load_reward(family, path, clip_path=None, text="", maximize=True, allow_unsa
             raise ValueError("the aesthetic reward needs its CLIP ViT-L/14 image tower file (clip_path)")
         return clip.load_aesthetic(path, hf_folder(clip_path), allow_unsafe_pickle=allow_unsafe_pickle)
     if family == "hpsv2":
-        return clip.load_hpsv2(path)
+        return clip.load_hpsv2(path, allow_unsafe_pickle)
     if family == "pickscore":
         return clip.load_pickscore(hf_folder(path))
     if family == "clip_similarity":
         if not text.strip():
             raise ValueError("the clip_similarity reward needs a target text (e.g. 'a pencil sketch')")
-        return clip.load_clip_similarity(hf_folder(path), text)
+        return clip.load_clip_similarity(hf_folder(path), text, allow_unsafe_pickle)
     raise ValueError(f"unknown reward family {family!r}; choose from {', '.join(FAMILIES)}")

@@ -41,6 +41,8 @@ def load_state_dict(path, expected, allow_unsafe_pickle=False):
         if "TorchScript" in str(e) or "constants.pkl" in str(e):  # a JIT archive (e.g. OpenAI's CLIP .pt)
             return torch.jit.load(path, map_location="cpu").state_dict()
         raise RewardFileError(f"{path} could not be read as a PyTorch checkpoint (expected {expected}): {e}") from e
+    if isinstance(obj, torch.jit.ScriptModule):  # weights_only=False hands TorchScript archives to torch.jit.load
+        return obj.state_dict()
     return obj
 
 
