@@ -47,22 +47,34 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     steps = len(sigmas) - 1
     check_grad_steps(grad_steps, steps)
     first_grad_step = steps - grad_steps
-    s_in = x.new_ones([x.shape[0]])
-
-    def denoise(x, sigma):
-        return model(x, sigma * s_in, **extra_args)
 
     for i in range(steps):
         differentiated = i >= first_grad_step and torch.is_grad_enabled()
         if i == first_grad_step:
             x = x.detach()  # DRaFT-K's stop-gradient at the truncation boundary
         with torch.set_grad_enabled(differentiated):
-            if differentiated and checkpoint:
-                denoised = _checkpoint(denoise, x, sigmas[i], use_reentrant=False)
-            else:
-                denoised = denoise(x, sigmas[i])
+            denoised = denoise(model, x, sigmas[i], extra_args, checkpoint and differentiated)
             x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = x_next
     return x
+
+
+def denoise_renoised(model, x0, sigma, noises, extra_args=None, checkpoint=True):
+    """DRaFT-LV's inner loop: for each eps_i in `noises`, re-noise the final latent to the last
+    sampling sigma, x_i = stop_grad(x0) + sigma * eps_i, and denoise it once with gradient.
+
+    Returns the n predictions x0_hat_i; DRaFT-LV sums their rewards.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    x0 = x0.detach()
+    return [denoise(model, x0 + sigma * eps, sigma, extra_args, checkpoint) for eps in noises]
+
+
+def denoise(model, x, sigma, extra_args, checkpoint=False):
+    """One model call at a scalar sigma; with `checkpoint`, its activations are recomputed in backward."""
+    sigma = sigma * x.new_ones([x.shape[0]])
+    if checkpoint and torch.is_grad_enabled():
+        return _checkpoint(lambda x, sigma: model(x, sigma, **extra_args), x, sigma, use_reentrant=False)
+    return model(x, sigma, **extra_args)

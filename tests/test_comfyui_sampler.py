@@ -61,28 +61,29 @@ def test_rejects_flow_model(comfyui, tiny_sd15):
 def test_bad_input_errors(comfyui, tiny_sd15):
     import comfy.sd
     from comfy_draft import sampling
+    from comfy_draft.backends import comfyui as backend
 
-    backend = pytest.importorskip("comfy_draft.backends.comfyui")
     model = comfy.sd.load_checkpoint_guess_config(
         str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)), output_vae=False, output_clip=False)[0]
     cond = [[torch.zeros(1, 77, 768), {}]]
     latent16 = {"samples": torch.randn(1, 16, 8, 8)}
     with pytest.raises(ValueError, match="16 channels.*expects 4"):
         backend.sample(model, cond, cond, latent16, 0, 4, 7.5)
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        backend.sample(model, cond, cond, latent, 0, 0, 7.5)
+        backend.sample(model, cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 0, 7.5)
     with pytest.raises(ValueError, match=r"grad_steps \(K\) must be between 0 and the number of sampling steps \(4\)"):
-        backend.sample(model, cond, cond, latent, 0, 4, 7.5, grad_steps=5)
+        sampling.sample_ddim(lambda x, s: x, torch.zeros(1), backend.ddim_sigmas(model, 4), grad_steps=5)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         sampling.sample_ddim(lambda x, s: x, torch.zeros(1), torch.tensor([0.0]))
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])
-def test_gradient_through_comfyui_model(comfyui, tiny_sd15, checkpoint):
-    """K = 1 through ComfyUI's CFGGuider reaches a UNet weight; K = 0 builds no graph."""
+def test_gradient_through_comfyui_guider(comfyui, tiny_sd15, checkpoint):
+    """K = 1 inside ComfyUI's CFGGuider reaches a UNet weight (the backward runs in the sampling
+    context, as training does); the forward equals the node's no-grad sample; K = 0 builds no graph."""
     import comfy.sd
     from comfy_draft.backends import comfyui as backend
+    from comfy_draft.sampling import sample_ddim
 
     model, clip = comfy.sd.load_checkpoint_guess_config(
         str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)), output_vae=False)[:2]
@@ -90,23 +91,26 @@ def test_gradient_through_comfyui_model(comfyui, tiny_sd15, checkpoint):
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     weight = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    seen = []
+    sigmas = backend.ddim_sigmas(model, 5)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    graphs = []
 
-    def loss_backward(x):
-        seen.append(x.detach().clone())
-        x.square().mean().backward()
+    def train_step(grad_steps):
+        def fn(m, x, s, callback):
+            x0 = sample_ddim(m, x, s, grad_steps=grad_steps, checkpoint=checkpoint)
+            graphs.append(x0.grad_fn)
+            if grad_steps:
+                x0.square().mean().backward()
+            return x0.detach()
+        return fn
 
     with torch.enable_grad():
         weight.requires_grad_(True)
         try:
-            out0 = backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=0)
-            assert not out0.requires_grad and out0.grad_fn is None
-            with pytest.raises(ValueError, match="needs `within`"):
-                backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=1)
-            out = backend.sample(model, pos, neg, latent, 1, 5, 7.5, grad_steps=1, checkpoint=checkpoint,
-                                 within=loss_backward)
+            out0 = backend.run_guided(model, pos, neg, 7.5, sigmas, train_step(0), latent["samples"], noise)
+            out1 = backend.run_guided(model, pos, neg, 7.5, sigmas, train_step(1), latent["samples"], noise)
         finally:
             weight.requires_grad_(False)
-    torch.testing.assert_close(out.detach(), out0, rtol=0, atol=1e-5)
-    torch.testing.assert_close(model.model.process_latent_out(seen[0]), out0, rtol=0, atol=1e-5)
+    assert graphs[0] is None and graphs[1] is not None
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-5)
     assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0

@@ -8,8 +8,9 @@ import functools
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
+import torch
 
-from ..sampling import check_grad_steps, sample_ddim
+from ..sampling import sample_ddim
 
 
 def check_model(model):
@@ -49,40 +50,38 @@ def prepare_latent(model, latent):
     return latent_image
 
 
-def ddim_sampler(grad_steps=0, checkpoint=True, within=None):
-    """`sample_ddim` as a ComfyUI SAMPLER object (with the 'ddim' sampler's inpainting-noise convention).
+def function_sampler(fn):
+    """A ComfyUI SAMPLER that runs `fn(model, x, sigmas, callback) -> latent` inside ComfyUI's sampling
+    context, where `model(x, sigma)` is the CFG-guided x0 predictor (with ComfyUI's 'ddim' sampler's
+    inpainting-noise convention).
 
-    within: called with the final latent (model space, before `process_latent_out`) while ComfyUI's
-        sampling context is still alive (models loaded and patched, conds prepared). Differentiated
-        steps can only be recomputed (gradient checkpointing) or replayed there, so a training step
-        computes its loss and calls `backward()` inside `within`.
+    ComfyUI loads and patches the models and prepares the conds for the duration of sampling only, so
+    anything that re-runs the model (a checkpointed backward pass, DRaFT-LV's extra denoising) happens
+    inside `fn`.
     """
-    def run(model, x, sigmas, **kwargs):
-        x = sample_ddim(model, x, sigmas, grad_steps=grad_steps, checkpoint=checkpoint, **kwargs)
-        if within is not None:
-            within(x)
-        return x
+    def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return fn(functools.partial(model, **(extra_args or {})), x, sigmas, callback)
 
-    return comfy.samplers.KSAMPLER(run, inpaint_options={"random": True})
+    return comfy.samplers.KSAMPLER(sampler_function, inpaint_options={"random": True})
 
 
-def sample(model, positive, negative, latent, seed, steps, cfg, grad_steps=0, checkpoint=True, within=None,
-           noise=None, callback=None, disable_pbar=True):
-    """DDIM (eta = 0) from a ComfyUI LATENT dict through ComfyUI's CFGGuider; returns the denoised
-    latent on the model's load device. `noise` defaults to ComfyUI's seeded noise (as KSampler's).
+def run_guided(model, positive, negative, cfg, sigmas, fn, latent_image, noise, seed=0, denoise_mask=None,
+               callback=None, disable_pbar=True):
+    """`fn` (see `function_sampler`) through ComfyUI's CFGGuider; returns its latent after ComfyUI's
+    output processing, on the model's load device."""
+    return comfy.samplers.sample(
+        model, noise, positive, negative, cfg, model.load_device, function_sampler(fn), sigmas,
+        model_options=model.model_options, latent_image=latent_image, denoise_mask=denoise_mask,
+        callback=callback, disable_pbar=disable_pbar, seed=seed)
 
-    With `grad_steps` K > 0 the last K steps are differentiated; the backward pass must run in
-    `within` (see `ddim_sampler`), because ComfyUI releases its sampling state when sampling returns.
-    """
+
+def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, disable_pbar=True):
+    """DDIM (eta = 0) from a ComfyUI LATENT dict, noise drawn as KSampler draws it, without gradients."""
     check_model(model)
     sigmas = ddim_sigmas(model, steps)
-    check_grad_steps(grad_steps, len(sigmas) - 1)
-    if grad_steps and within is None:
-        raise ValueError("grad_steps > 0 needs `within`: run the loss and backward() inside ComfyUI's sampling context")
     latent_image = prepare_latent(model, latent)
-    if noise is None:
-        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    return comfy.samplers.sample(
-        model, noise, positive, negative, cfg, model.load_device, ddim_sampler(grad_steps, checkpoint, within),
-        sigmas, model_options=model.model_options, latent_image=latent_image,
-        denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    with torch.no_grad():
+        return run_guided(model, positive, negative, cfg, sigmas,
+                          lambda m, x, s, cb: sample_ddim(m, x, s, callback=cb), latent_image, noise, seed,
+                          latent.get("noise_mask"), callback, disable_pbar)
