@@ -5,15 +5,15 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 CONTEXT_DIM = 32
 
 
-def tiny_unet(seed=0, dtype=torch.float32):
+def tiny_unet(seed=0, dtype=torch.float32, channels=4):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=CONTEXT_DIM, attention_head_dim=4, norm_num_groups=8)
     with torch.no_grad():  # diffusers zero-inits the output conv: make the model depend on its input
         unet.conv_out.weight.normal_(0, 0.05)
-    return unet.to(dtype).eval()
+    return (unet if dtype == torch.float32 else unet.to(dtype)).eval()
 
 
 def sd_scheduler(prediction_type="epsilon", set_alpha_to_one=False):
@@ -21,3 +21,24 @@ def sd_scheduler(prediction_type="epsilon", set_alpha_to_one=False):
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1,
                          timestep_spacing="leading", prediction_type=prediction_type)
+
+
+def tiny_text_encoder(folder, seed=0):
+    """A tiny CLIP text encoder (width CONTEXT_DIM) and a real CLIP tokenizer built offline."""
+    from tiny_clip import clip_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer_files(folder)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
+    return encoder.eval(), tokenizer
+
+
+def tiny_pixel_backend(tmp_path, seed=0):
+    """A pixel-space (no VAE) tiny text-conditioned diffusion model as a training backend."""
+    from comfy_draft.backends.diffusers import TrainingBackend
+
+    encoder, tokenizer = tiny_text_encoder(tmp_path / "tokenizer", seed)
+    return TrainingBackend(tiny_unet(seed, channels=3), sd_scheduler(), text_encoder=encoder, tokenizer=tokenizer,
+                           device="cpu")

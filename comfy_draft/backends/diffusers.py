@@ -5,6 +5,7 @@ space follows k-diffusion / ComfyUI: x = x_vp / sqrt(alpha_bar) = x0 + sigma * e
 sigma = sqrt((1 - alpha_bar) / alpha_bar).
 """
 import torch
+import torch.utils.checkpoint
 
 from ..sampling import check_grad_steps, sample_ddim
 
@@ -71,3 +72,81 @@ def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, checkpoint=T
     x = noise * (1 + sigmas[0] ** 2).sqrt()
     return sample_ddim(guided(denoiser, cond, uncond, cfg), x, sigmas, callback=callback,
                        grad_steps=grad_steps, checkpoint=checkpoint)
+
+
+def base_model_version(cross_attention_dim):
+    """kohya's `ss_base_model_version` from the UNet's text-conditioning width."""
+    return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(cross_attention_dim, "custom")
+
+
+class TrainingBackend:
+    """A diffusers UNet (+ optional VAE, text encoder and tokenizer) for `Trainer`.
+
+    Without a VAE the UNet works in pixel space ([-1, 1] images). `encode_prompts(list of str) ->
+    (B, tokens, dim)` replaces the text encoder when given (e.g. class embeddings).
+    """
+
+    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, encode_prompts=None, device=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.unet = unet.to(self.device).requires_grad_(False)
+        self.denoiser = DiffusersDenoiser.from_scheduler(self.unet, scheduler)
+        self.vae = vae.to(self.device).requires_grad_(False) if vae is not None else None
+        self.text_encoder = text_encoder.to(self.device).requires_grad_(False) if text_encoder is not None else None
+        self.tokenizer = tokenizer
+        self.encode_prompts = encode_prompts
+        self.base_model_version = base_model_version(unet.config.cross_attention_dim)
+        self._prompt_cache = {}
+        self.loras = None
+
+    @classmethod
+    def from_pipeline(cls, pipe, device=None):
+        return cls(pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer, device=device)
+
+    def add_loras(self, rank, alpha=None, resnets=False):
+        from torch.nn.utils import parametrize
+
+        from ..lora import LoRASet, is_target, kohya_name
+
+        modules = {n: m for n, m in self.unet.named_modules()
+                   if is_target(n, resnets) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        self.loras = LoRASet({kohya_name(n): m.weight.shape for n, m in modules.items()}, rank, alpha).to(self.device)
+        for name, module in modules.items():
+            parametrize.register_parametrization(module, "weight", self.loras[kohya_name(name)])
+        return self.loras
+
+    def encode(self, prompts):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            with torch.no_grad():
+                if self.encode_prompts is not None:
+                    embeddings = self.encode_prompts(missing)
+                else:
+                    length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+                    ids = self.tokenizer(missing, padding="max_length", max_length=length, truncation=True,
+                                         return_tensors="pt").input_ids
+                    embeddings = self.text_encoder(ids.to(self.device))[0]
+            self._prompt_cache.update(zip(missing, embeddings.to(self.device)))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def latent_shape(self, batch, height, width):
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return (batch, self.unet.config.in_channels, height // factor, width // factor)
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
+        """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM."""
+        model = guided(self.denoiser, self.encode(prompts), self.encode([negative_prompt] * len(prompts)), cfg)
+        sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
+        return fn(model, noise.to(self.device) * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+
+    def decode(self, x0, checkpoint=True):
+        """Images in [0, 1]; the VAE decoder is recomputed in the backward pass when `checkpoint`."""
+        if self.vae is None:
+            return ((x0 + 1) / 2).clamp(0, 1)
+
+        def decode(z):
+            return self.vae.decode(z / self.vae.config.scaling_factor).sample
+        if checkpoint and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False)
+        else:
+            images = decode(x0)
+        return ((images + 1) / 2).clamp(0, 1)

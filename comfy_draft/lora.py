@@ -1,0 +1,124 @@
+"""LoRA as weight deltas, and kohya-format files that ComfyUI, A1111/Forge and diffusers load.
+
+A `LoRA` is a function of a base weight: W -> W + (alpha / rank) * up @ down. That is how ComfyUI
+applies LoRA files (ModelPatcher weight wrappers / patches) and exactly what a kohya file encodes, so
+the model being trained and the model a LoraLoader builds from the saved file are the same model.
+Names are kohya's `lora_unet_<module path with _>`: diffusers-style paths for SD1.x/SD2.x, ldm paths
+for SDXL (what kohya's scripts write, and what ComfyUI maps).
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+# Attention projections of the UNet's transformer blocks (the paper's LoRA targets).
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# ResNet convolutions, optional (`conv1`, `conv2` of each res block: `in_layers.2`/`out_layers.3` in ldm).
+RESNET_TARGETS = ("conv1", "conv2", "in_layers.2", "out_layers.3")
+
+
+class LoRA(torch.nn.Module):
+    """A rank-r update of one Linear or Conv weight, trained in float32.
+
+    down starts random (kaiming-uniform, as kohya and peft), up at zero, so training starts from the
+    base model. Conv weights use kohya's conv LoRA: down (r, in, kh, kw), up (out, r, 1, 1).
+    """
+
+    def __init__(self, weight_shape, rank, alpha=None):
+        super().__init__()
+        out_features, in_features, *kernel = weight_shape
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.weight_shape = tuple(weight_shape)
+        self.down = torch.nn.Parameter(torch.empty(rank, in_features, *kernel))
+        self.up = torch.nn.Parameter(torch.zeros(out_features, rank, *[1] * len(kernel)))
+        torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    def delta(self):
+        return (self.alpha / self.rank) * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
+
+    def forward(self, weight):
+        return weight + self.delta().to(weight.dtype)
+
+
+def is_target(module_path, include_resnets=False):
+    targets = ATTENTION_TARGETS + (RESNET_TARGETS if include_resnets else ())
+    return any(module_path.endswith("." + t) for t in targets)
+
+
+def kohya_name(module_path):
+    return "lora_unet_" + module_path.replace(".", "_")
+
+
+class LoRASet(torch.nn.ModuleDict):
+    """kohya name -> LoRA for every adapted UNet weight."""
+
+    def __init__(self, shapes, rank=8, alpha=None):
+        super().__init__({name: LoRA(shape, rank, alpha) for name, shape in shapes.items()})
+
+    def kohya_state_dict(self, dtype=torch.float16):
+        out = {}
+        for name, lora in self.items():
+            out[f"{name}.lora_down.weight"] = lora.down.detach().to(dtype).contiguous().cpu()
+            out[f"{name}.lora_up.weight"] = lora.up.detach().to(dtype).contiguous().cpu()
+            out[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
+        return out
+
+    def load_kohya_state_dict(self, state_dict, source="LoRA file"):
+        """Load a kohya state dict into this set (same names and ranks), for continued training."""
+        names = {k.rsplit(".", 2)[0] for k in state_dict if k.endswith(".lora_down.weight")}
+        missing, unexpected = sorted(set(self) - names), sorted(names - set(self))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not match this model's LoRA targets: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        with torch.no_grad():
+            for name, lora in self.items():
+                down, up = state_dict[f"{name}.lora_down.weight"], state_dict[f"{name}.lora_up.weight"]
+                if down.shape != lora.down.shape or up.shape != lora.up.shape:
+                    raise ValueError(f"{source}: {name} has rank {down.shape[0]} or shape {tuple(up.shape)}, "
+                                     f"expected rank {lora.rank} and {tuple(lora.up.shape)}")
+                lora.down.copy_(down)
+                lora.up.copy_(up)
+                lora.alpha = float(state_dict.get(f"{name}.alpha", torch.tensor(lora.rank)))
+
+    def save(self, path, metadata=None, overwrite=False):
+        """Write a kohya-format fp16 safetensors file atomically; metadata values become strings."""
+        from safetensors.torch import save_file
+
+        first = next(iter(self.values()))
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
+                "ss_network_alpha": str(first.alpha)}
+        meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+        atomic_write(path, lambda tmp: save_file(self.kohya_state_dict(), tmp, metadata=meta), overwrite)
+        return path
+
+
+def load_kohya_file(path):
+    from safetensors.torch import load_file, safe_open
+
+    with safe_open(os.fspath(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return load_file(os.fspath(path)), metadata
+
+
+def atomic_write(path, write, overwrite=False):
+    """`write(tmp_path)`, then rename onto `path`: readers never see a half-written file."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def digest(texts):
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]

@@ -1,0 +1,233 @@
+"""The DRaFT training loop: one readable loop over a backend (ComfyUI or diffusers) and a reward.
+
+Per training step, for each micro-batch: draw prompts and start noise from a generator seeded by
+(seed, step), sample with the variant's gradient policy, decode, score, and backpropagate
+-reward into the LoRA weights; then clip the gradient norm and take an AdamW step. Deriving all
+randomness from (seed, step) is what makes a resumed run identical to an uninterrupted one.
+
+Variants (Clark et al. 2024, and the neighbours the paper unifies):
+  draft      backpropagate through all T sampling steps
+  draft-k    through the last K steps only (K = 1 is the paper's best per unit of compute)
+  draft-lv   K = 1 with n re-noised copies of the final latent, rewards summed (lower variance)
+  alignprop  K drawn uniformly from 1..T every step
+  refl       stop at a random step among the last quarter, one differentiated step, reward on x0_hat
+"""
+import contextlib
+import dataclasses
+import math
+import random
+import time
+
+import torch
+
+from .lora import atomic_write, digest
+from .sampling import check_grad_steps, denoise_renoised, sample_ddim
+
+VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    prompts: list
+    negative_prompt: str = ""
+    variant: str = "draft-lv"
+    grad_steps: int = 1          # K, for draft-k
+    lv_samples: int = 2          # n, for draft-lv
+    steps: int = 2000            # training steps (optimizer updates)
+    sampling_steps: int = 50
+    cfg: float = 7.5
+    width: int = 512
+    height: int = 512
+    batch_size: int = 4
+    accumulation: int = 1        # micro-batches per optimizer step
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    rank: int = 8
+    alpha: float = None          # LoRA alpha; None = rank (scale 1)
+    resnet_loras: bool = False   # also adapt ResNet convolutions
+    max_grad_norm: float = 1.0   # 0 disables clipping
+    precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
+    checkpointing: bool = True   # recompute UNet steps and the VAE decoder in the backward pass
+    seed: int = 0
+    save_every: int = 0          # training checkpoint every N steps (0: only at the end)
+
+    def validate(self):
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise ValueError("prompts: give at least one non-empty prompt")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if self.variant == "draft-k":
+            check_grad_steps(self.grad_steps, self.sampling_steps)
+            if self.grad_steps < 1:
+                raise ValueError("draft-k needs K >= 1")
+        for name in ("lv_samples", "steps", "sampling_steps", "batch_size", "accumulation", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def step_generator(seed, step):
+    """The CPU generator of one training step: prompts, noise and variant choices."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def autocast_dtype(precision, device):
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def differentiable_samples(model, x, sigmas, config, g):
+    """The variant's final predictions x0, each differentiable in the LoRA weights."""
+    steps = len(sigmas) - 1
+    k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
+    if config.variant == "alignprop":
+        k = int(torch.randint(1, steps + 1, (), generator=g))
+    if config.variant == "refl":
+        window = max(1, steps // 4)
+        stop = int(torch.randint(steps - window, steps, (), generator=g))  # index of the differentiated step
+        sigmas = torch.cat([sigmas[:stop + 1], sigmas.new_zeros(1)])
+    if config.variant == "draft-lv":
+        with torch.no_grad():
+            x0 = sample_ddim(model, x, sigmas)
+        noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
+        return denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=config.checkpointing)
+    return [sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=config.checkpointing)]
+
+
+class Trainer:
+    """DRaFT on `backend` (see backends.*.TrainingBackend) with `reward` (rewards.Reward).
+
+    callbacks: functions called as `fn(metrics, images)` after every step (images: the step's decoded
+    samples, detached, in [0, 1]); raising from one stops training after saving a checkpoint.
+    """
+
+    def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None):
+        config.validate()
+        self.backend, self.reward, self.config = backend, reward, config
+        self.callbacks = list(callbacks)
+        self.checkpoint_path = checkpoint_path
+        self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
+        self.params = [p for p in self.loras.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.dtype = autocast_dtype(config.precision, backend.device)
+        self.scaler = torch.amp.GradScaler(backend.device.type, enabled=self.dtype == torch.float16)
+        self.step = 0
+        self.history = []
+        self.reward.to(backend.device)
+
+    # ----- one step -----------------------------------------------------------------------------------
+    def micro_batch(self, g):
+        c = self.config
+        prompts = [c.prompts[i] for i in torch.randint(len(c.prompts), (c.batch_size,), generator=g)]
+        noise = torch.randn(self.backend.latent_shape(c.batch_size, c.height, c.width), generator=g)
+        out = {}
+
+        def fn(model, x, sigmas):
+            with self.autocast():
+                x0s = differentiable_samples(model, x, sigmas, c, g)
+                images = [self.backend.decode(x0, c.checkpointing) for x0 in x0s]
+                rewards = torch.stack([self.reward(im.float(), prompts) for im in images])  # (n, B)
+            # DRaFT-LV sums the n rewards; the batch (and accumulation) are averaged.
+            loss = -rewards.sum(0).mean() / c.accumulation
+            self.scaler.scale(loss).backward()
+            out.update(rewards=rewards.detach().float(), loss=loss.detach().float() * c.accumulation,
+                       images=images[0].detach().float().clamp(0, 1))
+            return x0s[0].detach()
+
+        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps)
+        return out
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=self.dtype)
+
+    def train_step(self):
+        c = self.config
+        started = time.perf_counter()
+        g = step_generator(c.seed, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        outs = [self.micro_batch(g) for _ in range(c.accumulation)]
+        rewards = torch.cat([o["rewards"].flatten() for o in outs])
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        if not torch.isfinite(rewards).all() or not torch.isfinite(grad_norm):
+            what = "reward" if not torch.isfinite(rewards).all() else "gradient"
+            raise NonFiniteError(f"step {self.step + 1}: non-finite {what} ({rewards.tolist()[:4]}, grad norm "
+                                 f"{grad_norm.item()}); the LoRA was not updated")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        metrics = {"step": self.step, "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                   "loss": sum(o["loss"].item() for o in outs) / len(outs), "grad_norm": grad_norm.item(),
+                   "seconds": time.perf_counter() - started}
+        self.history.append(metrics)
+        return metrics, outs[-1]["images"]
+
+    def train(self):
+        """Run to `config.steps`; checkpoints every `save_every` steps, at the end, and on any error or
+        interruption (holding the last good state), then re-raises."""
+        try:
+            while self.step < self.config.steps:
+                metrics, images = self.train_step()
+                for callback in self.callbacks:
+                    callback(metrics, images)
+                if self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save_checkpoint()
+        except BaseException:
+            self.save_checkpoint()
+            raise
+        self.save_checkpoint()
+        return self.history
+
+    # ----- files --------------------------------------------------------------------------------------
+    def lora_metadata(self):
+        c = self.config
+        return {"ss_base_model_version": self.backend.base_model_version, "comfy_draft_reward": self.reward.name,
+                "comfy_draft_variant": c.variant, "comfy_draft_steps": str(self.step),
+                "comfy_draft_prompts_sha256": digest(c.prompts), "comfy_draft_config": dataclasses.asdict(c)}
+
+    def save_lora(self, path, overwrite=False):
+        return self.loras.save(path, self.lora_metadata(), overwrite)
+
+    def save_checkpoint(self, path=None):
+        """Everything needed to resume exactly: LoRA (fp32), optimizer, scaler, RNG, step, history."""
+        path = path or self.checkpoint_path
+        if path is None:
+            return None
+        state = {"lora": {k: v.detach().cpu() for k, v in self.loras.state_dict().items()},
+                 "lora_alpha": {k: m.alpha for k, m in self.loras.items()},
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                 "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config)}
+        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
+        return path
+
+    def load_checkpoint(self, path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "save_every")}
+        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("steps", "save_every")}
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise ValueError(f"{path} was made with a different configuration ({', '.join(changed)}); "
+                             f"resume with the same settings (only steps and save_every may change)")
+        self.loras.load_state_dict(state["lora"])
+        for name, alpha in state["lora_alpha"].items():
+            self.loras[name].alpha = alpha
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step, self.history = state["step"], list(state["history"])
+        return self
