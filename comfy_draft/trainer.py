@@ -151,6 +151,11 @@ class Trainer:
         return torch.autocast(self.backend.device.type, dtype=self.dtype)
 
     def train_step(self):
+        # Normal tensors and autograd even when called in inference mode (ComfyUI runs nodes in it).
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._train_step()
+
+    def _train_step(self):
         c = self.config
         started = time.perf_counter()
         g = step_generator(c.seed, self.step)

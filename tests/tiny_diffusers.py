@@ -42,3 +42,17 @@ def tiny_pixel_backend(tmp_path, seed=0):
     encoder, tokenizer = tiny_text_encoder(tmp_path / "tokenizer", seed)
     return TrainingBackend(tiny_unet(seed, channels=3), sd_scheduler(), text_encoder=encoder, tokenizer=tokenizer,
                            device="cpu")
+
+
+def tiny_pipeline(tmp_path, seed=0):
+    """A tiny StableDiffusionPipeline (latent space, small VAE) that diffusers can save and reload."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    encoder, tokenizer = tiny_text_encoder(tmp_path / "tokenizer", seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=16)
+    return StableDiffusionPipeline(unet=tiny_unet(seed), vae=vae.eval(), text_encoder=encoder, tokenizer=tokenizer,
+                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

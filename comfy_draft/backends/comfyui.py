@@ -3,12 +3,16 @@
 Running `sample_ddim` as a `comfy.samplers.KSAMPLER` gives classifier-free guidance, SDXL's extra
 conds, hooks, other LoRAs and inpainting masks from ComfyUI itself, exactly as its KSampler does.
 """
+import copy
 import functools
+import math
 
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 import torch
+import torch.utils.checkpoint
 
 from ..sampling import sample_ddim
 
@@ -85,3 +89,94 @@ def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, d
         return run_guided(model, positive, negative, cfg, sigmas,
                           lambda m, x, s, cb: sample_ddim(m, x, s, callback=cb), latent_image, noise, seed,
                           latent.get("noise_mask"), callback, disable_pbar)
+
+
+def base_model_version(model):
+    """kohya's `ss_base_model_version` for a ComfyUI model."""
+    name = type(model.model.model_config).__name__
+    return {"SDXL": "sdxl_base_v1-0", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2"}.get(name, "sd_v1")
+
+
+def batch_conditioning(conds):
+    """One CONDITIONING for a batch from per-prompt ones; token lengths are brought to their least
+    common multiple by repetition, as ComfyUI batches conds (attention is unchanged by it)."""
+    tensors = [c[0][0] for c in conds]
+    length = math.lcm(*(t.shape[1] for t in tensors))
+    extra = dict(conds[0][0][1])
+    if "pooled_output" in extra:
+        extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
+    return [[torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors]), extra]]
+
+
+class TrainingBackend:
+    """A ComfyUI MODEL + CLIP + VAE for `Trainer`.
+
+    ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for
+    backward, so training uses a fresh copy of the model (as ComfyUI's own TrainLoraNode does), a copy
+    of the VAE decoder and cloned text conditioning. LoRAs attach as ModelPatcher weight wrappers,
+    ComfyUI's own mechanism, so guidance, SDXL conds and other patches keep working.
+    """
+
+    def __init__(self, model, clip, vae):
+        check_model(model)
+        with torch.inference_mode(False):
+            self.model = model.clone(force_deepcopy=True)
+            self.model.model.requires_grad_(False)
+            self.vae_model = copy.deepcopy(vae.first_stage_model).requires_grad_(False).eval()
+        self.clip = clip
+        self.vae_dtype = vae.vae_dtype
+        self.latent_format = self.model.get_model_object("latent_format")
+        self.device = torch.device(self.model.load_device)
+        self.base_model_version = base_model_version(self.model)
+        self._prompt_cache = {}
+        self.loras = None
+
+    def add_loras(self, rank, alpha=None, resnets=False):
+        from ..lora import LoRASet, is_target, kohya_name
+
+        unet = self.model.model.diffusion_model
+        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")]
+        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
+        to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
+                        for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
+        use_ldm = self.base_model_version.startswith("sdxl")
+        names = {n: kohya_name(n if use_ldm else to_diffusers.get(n, n)) for n in targets}
+        with torch.inference_mode(False):
+            self.loras = LoRASet({names[n]: unet.get_submodule(n).weight.shape for n in targets}, rank, alpha)
+            self.loras.to(self.device)
+        for n in targets:
+            self.model.add_weight_wrapper(f"diffusion_model.{n}.weight", self.loras[names[n]])
+        return self.loras
+
+    def encode(self, prompts):
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                with torch.inference_mode(False), torch.no_grad():
+                    cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))
+                    # normal (non-inference) copies: to_k/to_v save their input for backward
+                    self._prompt_cache[p] = [[cond[0][0].clone(),
+                                              {k: v.clone() if torch.is_tensor(v) else v for k, v in cond[0][1].items()}]]
+        return batch_conditioning([self._prompt_cache[p] for p in prompts])
+
+    def latent_shape(self, batch, height, width):
+        f = self.latent_format.spacial_downscale_ratio
+        return (batch, self.latent_format.latent_channels, height // f, width // f)
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
+        """`fn(model, x_T, sigmas)` inside ComfyUI's sampling context, with the CFG-guided x0 predictor."""
+        sigmas = ddim_sigmas(self.model, steps)
+        positive, negative = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
+        return run_guided(self.model, positive, negative, cfg, sigmas, lambda m, x, s, callback: fn(m, x, s),
+                          torch.zeros(noise.shape), noise)
+
+    def decode(self, x0, checkpoint=True):
+        """Images (B, 3, H, W) in [0, 1], differentiable; the decoder is recomputed in backward."""
+        self.vae_model.to(self.device)
+
+        def decode(latent):
+            return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
+        if checkpoint and torch.is_grad_enabled():
+            images = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False)
+        else:
+            images = decode(x0)
+        return ((images + 1) / 2).clamp(0, 1)

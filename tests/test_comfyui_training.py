@@ -1,0 +1,68 @@
+"""DRaFT through the ComfyUI backend on the tiny SD1.5 checkpoint, and its LoRA file through ComfyUI's own loader."""
+import logging
+
+import pytest
+import torch
+
+from comfy_draft import rewards
+from comfy_draft.lora import load_kohya_file
+from comfy_draft.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_objects(comfyui, tiny_sd15):
+    """MODEL, CLIP, VAE as a ComfyUI node makes them: inside inference mode (inference tensors)."""
+    import comfy.sd
+    with torch.inference_mode():
+        return comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+
+
+def outputs(model_patcher, x, sigma, cond):
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    with torch.no_grad():
+        return model_patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
+
+
+@pytest.mark.slow
+def test_trained_lora_loads_in_comfyui_and_reproduces_the_training_model(comfyui, tiny_sd15_objects, caplog):
+    import comfy.model_management
+    import nodes
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    model, clip, vae = tiny_sd15_objects
+    backend = TrainingBackend(model, clip, vae)
+    config = TrainConfig(prompts=["a red apple", "a blue car"], variant="draft-k", grad_steps=1, steps=2,
+                         sampling_steps=4, cfg=5.0, width=64, height=64, batch_size=2, lr=0.05, seed=3)
+    trainer = Trainer(backend, rewards.builtin_reward("brightness"), config)
+    with torch.inference_mode():  # as inside a node
+        history = trainer.train()
+    assert [m["step"] for m in history] == [1, 2] and all(torch.isfinite(torch.tensor(m["reward"])) for m in history)
+    assert all(lora.up.abs().sum() > 0 for lora in trainer.loras.values())
+
+    lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
+    path = trainer.save_lora(f"{lora_dir}/draft_tiny_sd15.safetensors", overwrite=True)
+    state_dict, metadata = load_kohya_file(path)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in state_dict
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert "draft_tiny_sd15.safetensors" in comfyui.folder_paths.get_filename_list("loras")
+
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "draft_tiny_sd15.safetensors", 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(patched.patches) == len(trainer.loras)  # every LoRA module found its weight
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([3.0, 3.0])
+    cond = backend.encode(["a red apple", "a blue car"])[0][0]
+    with torch.inference_mode():
+        ours = outputs(backend.model, x, sigma, cond)
+        theirs = outputs(patched, x, sigma, cond)
+        base = outputs(model, x, sigma, cond)
+    comfy.model_management.unload_all_models()
+    scale = ours.abs().max()
+    print(f"max |LoRA effect| {(ours - base).abs().max() / scale:.2e}, "
+          f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
+    assert (ours - base).abs().max() > 1e-3 * scale
+    assert (theirs - ours).abs().max() <= 1e-3 * scale
