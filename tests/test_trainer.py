@@ -103,22 +103,39 @@ def test_draft_lv_raises_held_out_reward_and_lr_zero_does_not(tmp_path):
     assert after0 == before0
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     reward = rewards.builtin_reward("brightness")
     full = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"))
     full.train()
 
+    def interrupt_at_2(metrics, images):
+        assert images.shape == (2, 3, 16, 16) and 0 <= images.min() <= images.max() <= 1  # previews
+        if metrics["step"] == 2:
+            raise KeyboardInterrupt
+
     ckpt = tmp_path / "run.ckpt"
-    first = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=2, variant="alignprop"), checkpoint_path=ckpt)
-    first.train()
+    first = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), [interrupt_at_2], ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
     resumed = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), checkpoint_path=ckpt)
-    resumed.load_checkpoint(ckpt).train()
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 2
+    resumed.train()
     assert resumed.step == 4 and [m["step"] for m in resumed.history] == [1, 2, 3, 4]
     for name in full.loras:
         torch.testing.assert_close(resumed.loras[name].up, full.loras[name].up, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(resumed.loras[name].down, full.loras[name].down, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="different configuration.*lr"):
         Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, lr=0.5, variant="alignprop")).load_checkpoint(ckpt)
+
+
+def test_bf16_autocast_step(tmp_path):
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
+                      config(steps=1, precision="bf16"))
+    assert trainer.dtype == torch.bfloat16
+    metrics, _ = trainer.train_step()
+    assert torch.isfinite(torch.tensor([metrics["reward"], metrics["grad_norm"]])).all() and metrics["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # fp32 master LoRA weights
 
 
 class NaNAfter(rewards.Reward):
