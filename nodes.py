@@ -2,6 +2,7 @@
 import os
 
 import comfy.model_management
+import comfy.sd
 import comfy.utils
 import folder_paths
 import latent_preview
@@ -9,6 +10,9 @@ import torch
 
 from .comfy_draft import rewards
 from .comfy_draft.backends import comfyui as backend
+from .comfy_draft.lora import load_kohya_file
+from .comfy_draft.plotting import curve_image
+from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer
 
 # models/reward_models: reward weights (files, or Hugging Face folders picked by any file inside).
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
@@ -133,12 +137,109 @@ class DRaFTScoreImages:
         return {"ui": {"text": [text], "scores": scores.tolist()}, "result": (scores.mean().item(), text)}
 
 
+class DRaFTTrainLoRA:
+    DESCRIPTION = ("Trains a LoRA on the UNet with DRaFT so that sampled images score higher on the reward. Saves it "
+                   "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "FLOAT")
+    RETURN_NAMES = ("model", "lora_path", "reward_curve", "final_reward")
+    OUTPUT_NODE = True
+    PREVIEW_EVERY = 5  # steps between sample previews on the node
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = TrainConfig(prompts=[""])
+        return {
+            "required": {
+                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "reward": ("DRAFT_REWARD",),
+                "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na lighthouse at dusk",
+                                       "tooltip": "One prompt per line; each step samples a batch from them."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+                "variant": (list(VARIANTS), {"default": d.variant}),
+                "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000, "tooltip": "draft-k: steps differentiated."}),
+                "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16, "tooltip": "draft-lv: re-noised copies."}),
+                "training_steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
+                "sampling_steps": ("INT", {"default": d.sampling_steps, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": d.cfg, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "width": ("INT", {"default": d.width, "min": 64, "max": 4096, "step": 8}),
+                "height": ("INT", {"default": d.height, "min": 64, "max": 4096, "step": 8}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0, "max": 1.0, "step": 1e-5, "round": 1e-6}),
+                "rank": ("INT", {"default": d.rank, "min": 1, "max": 256}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                       "tooltip": "Write a resumable training checkpoint every N steps (0: at the end)."}),
+                "lora_name": ("STRING", {"default": "draft/draft_lora"}),
+            },
+            "optional": {"resume_lora": (["none"] + folder_paths.get_filename_list("loras"),
+                                         {"tooltip": "Continue training from this LoRA (same rank)."})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # training is never taken from the cache
+
+    def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
+              sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
+              resume_lora="none", unique_id=None):
+        config = TrainConfig(
+            prompts=[line.strip() for line in prompts.splitlines() if line.strip()], negative_prompt=negative_prompt,
+            variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
+            cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
+            save_every=save_every)
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            lora_name, folder_paths.get_folder_paths("loras")[0])
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
+        state = os.path.join(folder_paths.get_output_directory(), "draft_training", subfolder,
+                             f"{name}_{counter:05}_.state.pt")
+        trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
+                          [self.reporter(unique_id, training_steps)], checkpoint_path=state)
+        if resume_lora != "none":
+            lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
+            trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
+        try:
+            history = trainer.train()
+        except comfy.model_management.InterruptProcessingException:
+            if trainer.step:
+                trainer.save_lora(path.replace("_.safetensors", f"_partial_{trainer.step}_.safetensors"))
+            raise
+        trainer.save_lora(path)
+        with torch.inference_mode():
+            patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
+            curve = torch.from_numpy(curve_image(history)).float().div(255)[None]
+        return {"ui": {"text": [f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
+                                f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}"]},
+                "result": (patched, path, curve, history[-1]["reward"])}
+
+    def reporter(self, node_id, total):
+        """Progress bar, sample previews, the chart's websocket event and the interrupt check, per step."""
+        import server
+        from PIL import Image
+
+        bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+        def report(metrics, images):
+            step = metrics["step"]
+            preview = None
+            if step % self.PREVIEW_EVERY == 0 or step == total:
+                grid = images.movedim(1, -1).flatten(0, 1) if images.shape[0] <= 4 else images[0].movedim(0, -1)
+                preview = ("JPEG", Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8")), 512)
+            bar.update_absolute(step, total, preview)
+            instance = server.PromptServer.instance
+            instance.send_sync("comfy_draft.train_step", dict(metrics, node=node_id, total=total), instance.client_id)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return report
+
+
 NODE_CLASS_MAPPINGS = {
     "DRaFTDDIMSampler": DRaFTDDIMSampler,
     "DRaFTRewardLoader": DRaFTRewardLoader,
     "DRaFTBuiltinReward": DRaFTBuiltinReward,
     "DRaFTRewardCombine": DRaFTRewardCombine,
     "DRaFTScoreImages": DRaFTScoreImages,
+    "DRaFTTrainLoRA": DRaFTTrainLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTDDIMSampler": "DRaFT DDIM Sampler",
@@ -146,4 +247,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTBuiltinReward": "DRaFT Built-in Reward",
     "DRaFTRewardCombine": "DRaFT Combine Rewards",
     "DRaFTScoreImages": "DRaFT Score Images",
+    "DRaFTTrainLoRA": "DRaFT Train LoRA",
 }

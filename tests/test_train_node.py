@@ -1,0 +1,168 @@
+"""DRaFTTrainLoRA inside the real ComfyUI: in-process, through the server (HTTP + websocket), interrupt,
+and LoRA blending with ComfyUI's own loaders."""
+import json
+import threading
+import uuid
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def train_prompt(ckpt, steps=3, lora_name="draft/test", sampling_steps=4, k=1):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
+        "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
+            "prompts": "a red apple\na blue car", "negative_prompt": "", "variant": "draft-lv", "k": k,
+            "lv_samples": 2, "training_steps": steps, "sampling_steps": sampling_steps, "cfg": 5.0, "width": 64,
+            "height": 64, "batch_size": 1, "learning_rate": 0.05, "rank": 4, "seed": 0, "save_every": 0,
+            "lora_name": lora_name}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 4, "cfg": 5.0,
+                                                   "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+    }
+
+
+def lora_prompt(ckpt, lora_name):
+    prompt = train_prompt(ckpt)
+    del prompt["2"], prompt["3"], prompt["10"]
+    prompt["3"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    return prompt
+
+
+def test_train_node_in_process_then_lora_loader(comfyui, tiny_sd15):
+    history = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))
+    (curve,) = history["outputs"]["10"]["images"]
+    assert comfyui.output_path(curve).stat().st_size > 0
+    assert "draft/inproc_00001_.safetensors" in comfyui.folder_paths.get_filename_list("loras")
+    assert "reward" in history["outputs"]["3"]["text"][0]
+    again = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))  # not from cache: trains again
+    assert "inproc_00002_" in again["outputs"]["3"]["text"][0]
+    comfyui.run(lora_prompt(tiny_sd15, "draft/inproc_00001_.safetensors"))
+
+
+class EventLog:
+    """A websocket client of the real server, recording every JSON event."""
+
+    def __init__(self, server):
+        import websocket
+        self.client_id = str(uuid.uuid4())
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=600)
+        self.events = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while True:
+            try:
+                message = self.ws.recv()
+            except Exception:
+                return
+            if isinstance(message, str) and message:  # binary frames are preview images
+                self.events.append(json.loads(message))
+
+    def of(self, kind):
+        return [e["data"] for e in self.events if e["type"] == kind]
+
+    def close(self):
+        self.ws.close()
+
+
+def test_train_node_through_server_with_websocket_events(comfy_server, tiny_sd15):
+    log = EventLog(comfy_server)
+    try:
+        prompt_id = comfy_server.queue(train_prompt(tiny_sd15, steps=5, lora_name="draft/served"), log.client_id)
+        entry = comfy_server.wait_history(prompt_id)
+    finally:
+        log.close()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    steps = log.of("comfy_draft.train_step")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5] and all(s["node"] == "3" and s["total"] == 5 for s in steps)
+    assert all({"reward", "loss", "grad_norm"} <= set(s) for s in steps)
+    progress = [p for p in log.of("progress") if p.get("node") == "3"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 5
+    loras = comfy_server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"]
+    assert "draft/served_00001_.safetensors" in json.dumps(loras)
+    assert entry["outputs"]["10"]["images"]
+
+
+def test_interrupt_saves_a_partial_lora_that_loads(comfy_server, tiny_sd15):
+    log = EventLog(comfy_server)
+    try:
+        prompt_id = comfy_server.queue(train_prompt(tiny_sd15, steps=200, lora_name="draft/stopped"), log.client_id)
+        import time
+        deadline = time.time() + 300
+        while not [s for s in log.of("comfy_draft.train_step") if s["step"] >= 2] and time.time() < deadline:
+            time.sleep(0.2)
+        comfy_server.post("/interrupt", {})
+        entry = comfy_server.wait_history(prompt_id)
+    finally:
+        log.close()
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    done = max(s["step"] for s in log.of("comfy_draft.train_step"))
+    assert done < 200
+    loras = json.dumps(comfy_server.get("/object_info/LoraLoaderModelOnly"))
+    name = f"draft/stopped_00001_partial_{done}_.safetensors"
+    assert name in loras, loras[:2000]
+    entry = comfy_server.wait_history(comfy_server.queue(lora_prompt(tiny_sd15, name)))
+    assert entry["status"]["status_str"] == "success"
+
+
+def test_alpha_beta_blending_with_chained_lora_loaders(comfyui, tiny_sd15):
+    """W + alpha * dW_A + beta * dW_B, with dW read independently from the kohya files."""
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    import nodes
+    from safetensors.torch import load_file
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
+    names = []
+    for i, tag in enumerate("AB"):
+        loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
+        with torch.no_grad():
+            for lora in loras.values():
+                lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+        loras.save(f"{lora_dir}/blend_{tag}.safetensors", overwrite=True)
+        names.append(f"blend_{tag}.safetensors")
+    files = [load_file(f"{lora_dir}/{n}") for n in names]
+    kohya_to_key = comfy.lora.model_lora_keys_unet(model.model, {})  # ComfyUI's own name map
+    kohya_names = sorted({k.rsplit(".", 2)[0] for k in files[0] if k.endswith(".lora_up.weight")})
+
+    def delta(sd, kohya):
+        up, down = sd[f"{kohya}.lora_up.weight"].float(), sd[f"{kohya}.lora_down.weight"].float()
+        return sd[f"{kohya}.alpha"].float() / down.shape[0] * (up.flatten(1) @ down.flatten(1))
+
+    state = model.model.state_dict()
+    base = {n: state[kohya_to_key[n]].float().clone() for n in kohya_names}
+    for alpha in (0.0, 0.5, 1.0, -0.5):
+        for beta in (0.0, 0.5, 1.0, -0.5):
+            with torch.inference_mode():
+                (a,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, names[0], alpha)
+                (ab,) = nodes.LoraLoaderModelOnly().load_lora_model_only(a, names[1], beta)
+                comfy.model_management.load_models_gpu([ab], force_full_load=True)
+                patched = {n: ab.model.state_dict()[kohya_to_key[n]].float().clone() for n in kohya_names}
+            for n in kohya_names:
+                expected = base[n] + alpha * delta(files[0], n).reshape(base[n].shape) \
+                    + beta * delta(files[1], n).reshape(base[n].shape)
+                error = (patched[n] - expected).abs().max() / expected.abs().max()
+                assert error < 1e-3, (n, alpha, beta, error.item())
+                if alpha or beta:
+                    assert (patched[n] - base[n]).abs().max() > 10 * (patched[n] - expected).abs().max()
+    comfy.model_management.unload_all_models()
