@@ -1,0 +1,47 @@
+"""The example workflows in workflows/: their nodes exist, and the training one runs on the tiny checkpoint."""
+import json
+import pathlib
+
+import pytest
+import torch
+from tiny_clip import OPEN_CLIP, aesthetic_mlp, open_clip_model, write_aesthetic_mlp
+from ui_workflows import EXAMPLES, REPO, api_to_ui, ui_to_api
+
+WORKFLOWS = REPO / "workflows"
+
+
+def load(name):
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def install_tiny_aesthetic_files(comfyui):
+    """Tiny stand-ins under the real file names, in the real layouts (MLP .pth + open_clip tower)."""
+    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("reward_models")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    write_aesthetic_mlp(folder / "sac+logos+ava1-l14-linearMSE.pth", aesthetic_mlp(OPEN_CLIP["embed_dim"]))
+    torch.save(open_clip_model(OPEN_CLIP, quick_gelu=True).state_dict(), folder / "ViT-L-14.pt")
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_is_current_and_uses_known_nodes(comfyui, name):
+    classes = comfyui.nodes.NODE_CLASS_MAPPINGS
+    workflow = load(name)
+    prompt, positions, *titles = EXAMPLES[name]()
+    assert workflow == json.loads(json.dumps(api_to_ui(prompt, classes, positions, *titles))), \
+        "regenerate with: .venv/bin/python tests/ui_workflows.py"
+    assert all(node["type"] in classes for node in workflow["nodes"])
+    assert ui_to_api(workflow, classes) == json.loads(json.dumps(prompt))
+
+
+@pytest.mark.slow
+def test_training_example_runs_on_the_tiny_checkpoint(comfyui, tiny_sd15):
+    install_tiny_aesthetic_files(comfyui)
+    prompt = ui_to_api(load("train_aesthetic_lora_draft_lv.json"), comfyui.nodes.NODE_CLASS_MAPPINGS)
+    prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
+    prompt["3"]["inputs"].update(training_steps=2, sampling_steps=4, width=64, height=64, save_every=0)
+    prompt["7"]["inputs"].update(width=64, height=64)
+    prompt["8"]["inputs"]["steps"] = 4
+    outputs = comfyui.run(prompt)["outputs"]
+    assert outputs["4"]["images"] and outputs["10"]["images"]
+    assert "reward" in outputs["3"]["text"][0]
+    assert any(n.startswith("draft/aesthetic_") for n in comfyui.folder_paths.get_filename_list("loras"))

@@ -1,0 +1,190 @@
+"""ComfyUI UI-format workflows (what the canvas saves and loads by drag and drop) <-> API prompts.
+
+`python tests/ui_workflows.py` regenerates the example workflows in workflows/ from the API-format
+descriptions below (widget order comes from the node classes of a booted ComfyUI).
+"""
+import json
+import pathlib
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def node_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def widget_names(cls):
+    """(name, has a control_after_generate value) for each widget input, in the canvas's order."""
+    out = []
+    for name, spec in node_inputs(cls).items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+            # the frontend adds a "control after generate" value after seeds, flagged or not
+            control = options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed"))
+            out.append((name, bool(control)))
+    return out
+
+
+def output_names(cls):
+    return list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
+
+
+def api_to_ui(prompt, classes, positions, titles=None):
+    """A UI workflow for an API prompt; `positions` maps node id -> (x, y)."""
+    nodes, links = [], []
+    for order, (node_id, node) in enumerate(prompt.items()):
+        cls = classes[node["class_type"]]
+        widgets = dict(widget_names(cls))
+        values, inputs = [], []
+        for name, control in widget_names(cls):
+            if name in node["inputs"] and not isinstance(node["inputs"][name], list):
+                values.append(node["inputs"][name])
+                if control:
+                    values.append("fixed")
+        for name, spec in node_inputs(cls).items():
+            if name not in widgets:
+                inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None})
+        ui = {"id": int(node_id), "type": node["class_type"], "pos": list(positions[node_id]), "size": [320, 120],
+              "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+              "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                          for i, (n, t) in enumerate(zip(output_names(cls), cls.RETURN_TYPES))],
+              "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": values}
+        if titles and node_id in titles:
+            ui["title"] = titles[node_id]
+        nodes.append(ui)
+    by_id = {str(n["id"]): n for n in nodes}
+    for node_id, node in prompt.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                source, slot = by_id[value[0]], value[1]
+                target_input = next(i for i in by_id[node_id]["inputs"] if i["name"] == name)
+                target_input["link"] = link_id
+                source["outputs"][slot]["links"].append(link_id)
+                target_slot = by_id[node_id]["inputs"].index(target_input)
+                links.append([link_id, int(value[0]), slot, int(node_id), target_slot, source["outputs"][slot]["type"]])
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def ui_to_api(workflow, classes):
+    """The API prompt ComfyUI's frontend would queue for a UI workflow (widgets and links)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        cls = classes[node["type"]]
+        values, inputs = list(node.get("widgets_values", [])), {}
+        for name, control in widget_names(cls):
+            if not values:
+                break  # trailing optional widgets the workflow does not set
+            inputs[name] = values.pop(0)
+            if control:
+                values.pop(0)
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+# ----- the example workflows -------------------------------------------------------------------------------
+
+CKPT = "v1-5-pruned-emaonly.safetensors"
+
+
+def sampling_nodes(first, model, clip, vae, seed=1, prompt="a lighthouse at dusk, oil painting"):
+    a, b, c, d, e, f = (str(first + i) for i in range(6))
+    return {
+        a: {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": clip}},
+        b: {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": clip}},
+        c: {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        d: {"class_type": "KSampler", "inputs": {"model": model, "positive": [a, 0], "negative": [b, 0],
+                                                 "latent_image": [c, 0], "seed": seed, "steps": 50, "cfg": 7.5,
+                                                 "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}},
+        e: {"class_type": "VAEDecode", "inputs": {"samples": [d, 0], "vae": vae}},
+        f: {"class_type": "PreviewImage", "inputs": {"images": [e, 0]}},
+    }
+
+
+def train_aesthetic():
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
+            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
+            "text": "", "maximize": True}},
+        "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
+            "prompts": "a lighthouse at dusk, oil painting\na cat sitting on a windowsill\na bowl of fruit on a table",
+            "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 2, "training_steps": 200,
+            "sampling_steps": 50, "cfg": 7.5, "width": 512, "height": 512, "batch_size": 1, "learning_rate": 4e-4,
+            "rank": 8, "seed": 0, "save_every": 50, "lora_name": "draft/aesthetic",
+            "resume_lora": "none"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
+        **sampling_nodes(5, ["3", 0], ["1", 1], ["1", 2]),
+    }
+    positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (780, 60), "5": (780, 380), "6": (780, 560),
+                 "7": (780, 740), "8": (1140, 380), "9": (1500, 380), "10": (1500, 560)}
+    return prompt, positions
+
+
+def score_images():
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
+            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
+            "text": "", "maximize": True}},
+        "3": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}},
+        "4": {"class_type": "DRaFTRewardCombine", "inputs": {"reward_a": ["2", 0], "weight_a": 1.0,
+                                                             "reward_b": ["3", 0], "weight_b": -1.0}},
+        "5": {"class_type": "DRaFTScoreImages", "inputs": {"images": ["1", 0], "reward": ["2", 0], "prompt": ""}},
+        "6": {"class_type": "DRaFTScoreImages", "inputs": {"images": ["1", 0], "reward": ["4", 0], "prompt": ""}},
+    }
+    positions = {"1": (20, 60), "2": (20, 420), "3": (20, 620), "4": (400, 520), "5": (760, 60), "6": (760, 420)}
+    return prompt, positions
+
+
+def mix_loras():
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": "draft/aesthetic_00001_.safetensors", "strength_model": 0.8}},
+        "3": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["2", 0], "lora_name": "draft/pickscore_00001_.safetensors", "strength_model": 0.5}},
+        **sampling_nodes(4, ["1", 0], ["1", 1], ["1", 2]),
+        **{k: v for k, v in sampling_nodes(10, ["3", 0], ["1", 1], ["1", 2]).items() if k in ("13", "14")},
+        "16": {"class_type": "ImageBatch", "inputs": {"image1": ["8", 0], "image2": ["14", 0]}},
+    }
+    # the mixed model samples with the same prompts, latent and seed as the base model
+    prompt["13"]["inputs"].update(positive=["4", 0], negative=["5", 0], latent_image=["6", 0])
+    prompt["14"]["inputs"]["samples"] = ["13", 0]
+    del prompt["9"]
+    prompt["17"] = {"class_type": "SaveImage", "inputs": {"images": ["16", 0], "filename_prefix": "draft/base_vs_mix"}}
+    positions = {"1": (20, 60), "2": (20, 260), "3": (20, 400), "4": (400, 60), "5": (400, 240), "6": (400, 420),
+                 "7": (760, 60), "8": (1120, 60), "13": (760, 420), "14": (1120, 420), "16": (1400, 240),
+                 "17": (1700, 240)}
+    titles = {"2": "LoRA A (alpha)", "3": "LoRA B (beta)", "7": "base model", "13": "base + alpha A + beta B"}
+    return prompt, positions, titles
+
+
+EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "score_images.json": score_images,
+            "mix_two_loras.json": mix_loras}
+
+
+def write_examples(classes, folder=REPO / "workflows"):
+    folder.mkdir(exist_ok=True)
+    for name, make in EXAMPLES.items():
+        prompt, positions, *titles = make()
+        workflow = api_to_ui(prompt, classes, positions, *titles)
+        (folder / name).write_text(json.dumps(workflow, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from comfyui_harness import InProcessComfy
+
+    app = InProcessComfy(tempfile.mkdtemp())
+    write_examples(app.nodes.NODE_CLASS_MAPPINGS)
