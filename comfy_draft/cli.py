@@ -118,6 +118,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m comfy_draft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub)
+    from . import demo
+    demo.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args)
+    elif args.command == "demo":
+        demo.run(args)

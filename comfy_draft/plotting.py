@@ -1,31 +1,50 @@
-"""A reward curve as an image (PIL only), for the trainer node's IMAGE output and the CLI."""
+"""Line charts as images (PIL only): the trainer's reward curve and the benchmark's comparisons."""
 import numpy as np
 from PIL import Image, ImageDraw
 
-SERIES = (("reward", (40, 120, 220)), ("loss", (220, 90, 40)), ("grad_norm", (60, 160, 60)))
+COLOURS = [(40, 120, 220), (220, 90, 40), (60, 160, 60), (150, 60, 180), (200, 160, 20), (20, 170, 170),
+           (120, 120, 120), (200, 60, 120)]
+
+
+def line_chart(series, title="", x_label="step", width=640, height=360):
+    """RGB uint8 array; `series` maps label -> (xs, ys), drawn on shared axes."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 70, 30, width - 20, height - 40 - 14 * ((len(series) + 2) // 3)
+    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+    draw.text((left, 8), title, fill="black")
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(y)]
+    if not points:
+        return np.array(image)
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
+
+    def at(x, y):
+        return left + (right - left) * (x - x_lo) / x_span, bottom - (bottom - top) * (y - y_lo) / y_span
+
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        xy = [at(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((left + 200 * (i % 3), bottom + 24 + 14 * (i // 3)), label, fill=colour)
+    draw.text((4, top), f"{y_hi:.3g}", fill="black")
+    draw.text((4, bottom - 10), f"{y_lo:.3g}", fill="black")
+    draw.text((left, bottom + 6), f"{x_label} {x_lo:g}", fill="black")
+    draw.text((right - 90, bottom + 6), f"{x_label} {x_hi:g}", fill="black")
+    return np.array(image)
 
 
 def curve_image(history, width=640, height=360):
-    """RGB uint8 array of reward (left axis) per step; loss and gradient norm scaled to share the panel."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 30, width - 20, height - 40
-    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+    """The training curve: reward, loss and gradient norm per step, each scaled to the panel
+    (its range is in its label)."""
     steps = [m["step"] for m in history]
-    if not steps:
-        draw.text((left + 10, top + 10), "no steps", fill="black")
-        return np.asarray(image)
-    x_of = (lambda s: left + (right - left) * (s - steps[0]) / max(1, steps[-1] - steps[0]))
-    for i, (key, colour) in enumerate(SERIES):
+    series = {}
+    for key in ("reward", "loss", "grad_norm"):
         values = np.array([m[key] for m in history], dtype=float)
-        lo, hi = float(values.min()), float(values.max())
-        span = hi - lo or 1.0
-        points = [(x_of(s), bottom - (bottom - top) * (v - lo) / span) for s, v in zip(steps, values)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3 if key == "reward" else 1)
-        else:
-            draw.ellipse((points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3), fill=colour)
-        draw.text((left + 5 + 190 * i, 8), f"{key} {values[-1]:.4g} [{lo:.3g}, {hi:.3g}]", fill=colour)
-    draw.text((left, bottom + 8), f"step {steps[0]}", fill="black")
-    draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black")
-    return np.asarray(image)
+        lo, hi = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+        series[f"{key} [{lo:.3g}, {hi:.3g}]"] = (steps, (values - lo) / ((hi - lo) or 1.0))
+    return line_chart(series, "training curve (each series scaled to its range)", "step", width, height)

@@ -140,8 +140,8 @@ class TrainingBackend:
 
     def decode(self, x0, checkpoint=True):
         """Images in [0, 1]; the VAE decoder is recomputed in the backward pass when `checkpoint`."""
-        if self.vae is None:
-            return ((x0 + 1) / 2).clamp(0, 1)
+        if self.vae is None:  # pixel space; grey images become RGB for the rewards
+            return ((x0 + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1) if x0.shape[1] == 1 else ((x0 + 1) / 2).clamp(0, 1)
 
         def decode(z):
             return self.vae.decode(z / self.vae.config.scaling_factor).sample

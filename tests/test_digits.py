@@ -1,0 +1,45 @@
+"""The bundled digit model and classifiers (comfy_draft/assets), and the demo command."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfy_draft import digits
+from comfy_draft.demo import evaluate
+
+
+def test_digit_prompts():
+    assert [digits.digit_of(p) for p in ["7", "a 7", "the digit seven", "Digit 0", "", "nine"]] == [7, 7, 7, 0, None, 9]
+    with pytest.raises(ValueError, match="exactly one digit"):
+        digits.digit_of("a 3 or a 5")
+    with pytest.raises(ValueError, match="exactly one digit"):
+        digits.digit_of("a cat")
+
+
+@pytest.mark.slow
+def test_base_model_draws_the_prompted_digit_as_judged_by_an_unseen_classifier():
+    """The judge was trained on real digits that neither the diffusion model nor the reward saw."""
+    backend = digits.load_backend()
+    judge = digits.load_classifier("judge_classifier")
+    reward = digits.DigitReward(digits.load_classifier("reward_classifier"))
+    result, images = evaluate(backend, reward, judge, [f"the digit {w}" for w in digits.WORDS], range(500, 510),
+                              cfg=3.0, steps=20, target=None)
+    print(f"base model: judge accuracy on prompted digit {result['judge_accuracy']:.0%}, reward {result['reward']:+.3f}")
+    assert images.shape == (100, 3, 16, 16)
+    assert result["judge_accuracy"] >= 0.8
+
+
+@pytest.mark.slow
+def test_demo_command_trains_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "comfy_draft", "demo", "--out", str(out), "--steps", "3",
+                             "--sampling-steps", "6"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "before: held-out reward" in result.stdout and "after 3 steps" in result.stdout
+    for name in ("digits_draft.safetensors", "reward_curve.png", "before_after.png", "log.jsonl", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"before", "after", "config"}
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
