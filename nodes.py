@@ -173,7 +173,10 @@ class DRaFTTrainLoRA:
                 "lora_name": ("STRING", {"default": "draft/draft_lora"}),
             },
             "optional": {"resume_lora": (["none"] + folder_paths.get_filename_list("loras"),
-                                         {"tooltip": "Continue training from this LoRA (same rank)."})},
+                                         {"tooltip": "Continue training from this LoRA (same rank)."}),
+                         "kl_coef": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.01,
+                                               "tooltip": "Regulariser against reward hacking: penalise the LoRA "
+                                                          "model's noise prediction for straying from the base model's."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -183,12 +186,12 @@ class DRaFTTrainLoRA:
 
     def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", unique_id=None):
+              resume_lora="none", kl_coef=0.0, unique_id=None):
         config = TrainConfig(
             prompts=[line.strip() for line in prompts.splitlines() if line.strip()], negative_prompt=negative_prompt,
             variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
             cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
-            save_every=save_every)
+            save_every=save_every, kl_coef=kl_coef)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites

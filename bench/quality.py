@@ -114,7 +114,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sampling-steps", type=int, default=10)
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run")
     p.add_argument("--eval-seeds", type=int, default=32)
     p.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])

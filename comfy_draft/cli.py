@@ -63,7 +63,7 @@ def train_parser(sub):
     for name in ("steps", "sampling_steps", "width", "height", "batch_size", "accumulation", "rank", "seed",
                  "save_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TRAIN_DEFAULTS, name))
-    for name in ("cfg", "lr", "weight_decay", "max_grad_norm"):
+    for name in ("cfg", "lr", "weight_decay", "max_grad_norm", "kl_coef"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TRAIN_DEFAULTS, name))
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     p.add_argument("--resnet-loras", action="store_true", help="also adapt ResNet convolutions")

@@ -6,6 +6,7 @@ the model being trained and the model a LoraLoader builds from the saved file ar
 Names are kohya's `lora_unet_<module path with _>`: diffusers-style paths for SD1.x/SD2.x, ldm paths
 for SDXL (what kohya's scripts write, and what ComfyUI maps).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -40,8 +41,10 @@ class LoRA(torch.nn.Module):
     def delta(self):
         return (self.alpha / self.rank) * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
 
+    enabled = True  # False: the base model (e.g. for a regulariser's reference prediction)
+
     def forward(self, weight):
-        return weight + self.delta().to(weight.dtype)
+        return weight + self.delta().to(weight.dtype) if self.enabled else weight
 
 
 def is_target(module_path, include_resnets=False):
@@ -58,6 +61,17 @@ class LoRASet(torch.nn.ModuleDict):
 
     def __init__(self, shapes, rank=8, alpha=None):
         super().__init__({name: LoRA(shape, rank, alpha) for name, shape in shapes.items()})
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Temporarily the frozen base model."""
+        for lora in self.values():
+            lora.enabled = False
+        try:
+            yield
+        finally:
+            for lora in self.values():
+                lora.enabled = True
 
     def kohya_state_dict(self, dtype=torch.float16):
         out = {}

@@ -46,6 +46,7 @@ class TrainConfig:
     alpha: float = None          # LoRA alpha; None = rank (scale 1)
     resnet_loras: bool = False   # also adapt ResNet convolutions
     max_grad_norm: float = 1.0   # 0 disables clipping
+    kl_coef: float = 0.0         # DRaFT+ regulariser: coef * ||eps_LoRA - eps_base||^2 on differentiated steps
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
     checkpointing: bool = True   # recompute UNet steps and the VAE decoder in the backward pass
     seed: int = 0
@@ -85,7 +86,8 @@ def autocast_dtype(precision, device):
 
 
 def differentiable_samples(model, x, sigmas, config, g):
-    """The variant's final predictions x0, each differentiable in the LoRA weights."""
+    """The variant's final predictions x0, each differentiable in the LoRA weights, and the
+    differentiated model calls as (input, sigma, prediction) for the regulariser."""
     steps = len(sigmas) - 1
     k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
     if config.variant == "alignprop":
@@ -98,8 +100,26 @@ def differentiable_samples(model, x, sigmas, config, g):
         with torch.no_grad():
             x0 = sample_ddim(model, x, sigmas)
         noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
-        return denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=config.checkpointing)
-    return [sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=config.checkpointing)]
+        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=config.checkpointing)
+        return x0s, [(x0 + sigmas[-2] * eps, sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
+    calls = []
+
+    def record(d):
+        if d["denoised"].requires_grad:
+            calls.append((d["x"].detach(), d["sigma"], d["denoised"]))
+    x0 = sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=config.checkpointing, callback=record)
+    return [x0], calls
+
+
+def base_model_penalty(model, calls, loras):
+    """Mean ||eps_LoRA - eps_base||^2 over differentiated calls; the base prediction at the same input
+    is computed without gradient and with the LoRA disabled (DRaFT+'s KL term for Gaussian steps)."""
+    terms = []
+    for x, sigma, prediction in calls:
+        with torch.no_grad(), loras.disabled():
+            base = model(x, sigma * x.new_ones(x.shape[0]))
+        terms.append(((prediction - base) / sigma).float().square().mean())
+    return torch.stack(terms).mean()
 
 
 class Trainer:
@@ -132,14 +152,15 @@ class Trainer:
 
         def fn(model, x, sigmas):
             with self.autocast():
-                x0s = differentiable_samples(model, x, sigmas, c, g)
+                x0s, calls = differentiable_samples(model, x, sigmas, c, g)
                 images = [self.backend.decode(x0, c.checkpointing) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts) for im in images])  # (n, B)
+                penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
             # DRaFT-LV sums the n rewards; the batch (and accumulation) are averaged.
-            loss = -rewards.sum(0).mean() / c.accumulation
+            loss = (-rewards.sum(0).mean() + c.kl_coef * penalty) / c.accumulation
             self.scaler.scale(loss).backward()
             out.update(rewards=rewards.detach().float(), loss=loss.detach().float() * c.accumulation,
-                       images=images[0].detach().float().clamp(0, 1))
+                       kl=penalty.detach().float(), images=images[0].detach().float().clamp(0, 1))
             return x0s[0].detach()
 
         self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps)
@@ -173,6 +194,7 @@ class Trainer:
         self.step += 1
         metrics = {"step": self.step, "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
                    "loss": sum(o["loss"].item() for o in outs) / len(outs), "grad_norm": grad_norm.item(),
+                   "kl": sum(o["kl"].item() for o in outs) / len(outs),
                    "seconds": time.perf_counter() - started}
         self.history.append(metrics)
         return metrics, outs[-1]["images"]

@@ -209,3 +209,39 @@ def test_config_errors():
         config(variant="draft-k", grad_steps=7).validate()
     with pytest.raises(ValueError, match="at least one non-empty prompt"):
         config(prompts=[" "]).validate()
+
+
+def test_base_model_penalty_against_a_separate_base_model(tmp_path):
+    """The regulariser's reference is the frozen base: a fresh copy of the UNet without LoRA."""
+    from tiny_diffusers import tiny_unet
+
+    from comfy_draft.backends.diffusers import DiffusersDenoiser
+    from comfy_draft.trainer import base_model_penalty
+
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(steps=2, lr=5e-2))
+    trainer.train()
+    backend = trainer.backend
+    cond, uncond = backend.encode(["a red square"]), backend.encode([""])
+    x, sigma = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(2.0)
+    with torch.no_grad():
+        tuned = guided(backend.denoiser, cond, uncond, 3.0)(x, sigma[None])
+        base = guided(DiffusersDenoiser.from_scheduler(tiny_unet(channels=3), sd_scheduler()), cond, uncond, 3.0)(
+            x, sigma[None])
+        penalty = base_model_penalty(guided(backend.denoiser, cond, uncond, 3.0), [(x, sigma, tuned)], trainer.loras)
+    expected = ((tuned - base) / sigma).square().mean()
+    assert expected > 0
+    torch.testing.assert_close(penalty, expected, rtol=1e-4, atol=0)
+    assert all(lora.enabled for lora in trainer.loras.values())  # restored after the reference call
+
+
+def test_kl_regulariser_keeps_the_lora_closer_to_the_base(tmp_path):
+    sizes, kls = {}, {}
+    for coef in (0.0, 50.0):
+        trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
+                          config(steps=6, lr=2e-2, variant="draft-k", kl_coef=coef))
+        history = trainer.train()
+        sizes[coef] = sum(lora.delta().square().sum() for lora in trainer.loras.values()).sqrt().item()
+        kls[coef] = [m["kl"] for m in history]
+    print(f"||LoRA delta||: no regulariser {sizes[0.0]:.4f}, kl_coef 50: {sizes[50.0]:.4f}")
+    assert kls[0.0] == [0.0] * 6 and kls[50.0][0] == 0.0 and kls[50.0][-1] > 0  # starts at the base model
+    assert sizes[50.0] < 0.8 * sizes[0.0]
