@@ -3,7 +3,7 @@
 Every method gets the same number of reward queries (images scored). Adversarial setting: prompts ask
 for one digit, the reward is a classifier's log-probability of another. Reports held-out reward (unseen
 prompt wording, unseen seeds) against reward queries, the judge classifier's reading, gradient norms as
-K grows, and reward against LoRA strength. Writes bench/results/quality.{json,md} and PNG plots.
+K grows, and reward against LoRA strength. Writes quality.{json,md} and PNG plots to --out (bench/results/).
 
 Run: .venv/bin/python bench/quality.py [--queries 480] [--seeds 0 1]
 """
@@ -21,7 +21,6 @@ from comfy_draft.demo import evaluate
 from comfy_draft.plotting import line_chart
 from comfy_draft.trainer import TrainConfig, Trainer
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 METHODS = {  # name -> TrainConfig overrides
     "DRaFT-LV (n=2)": dict(variant="draft-lv", lv_samples=2),
     "DRaFT-1": dict(variant="draft-k", grad_steps=1),
@@ -87,21 +86,21 @@ def report(runs, args):
     return "\n".join(lines) + "\n"
 
 
-def plots(runs, args):
+def plots(runs, args, results):
     curves = {}
     for name in METHODS:
         mine = [r["curve"] for r in runs if r["method"] == name]
         xs = [p["queries"] for p in mine[0]]
         curves[name] = (xs, [float(np.mean([c[i]["reward"] for c in mine])) for i in range(len(xs))])
     Image.fromarray(line_chart(curves, "held-out reward vs reward queries (mean over seeds)", "queries", 900, 480)) \
-        .save(RESULTS / "quality_reward_vs_queries.png")
+        .save(results / "quality_reward_vs_queries.png")
     ks = [("DRaFT-1", 1), ("DRaFT-K (K=2)", 2), ("DRaFT-K (K=5)", 5), ("DRaFT (full)", args.sampling_steps)]
     norms = {"mean gradient norm": ([k for _, k in ks],
                                     [float(np.mean([r["grad_norm"] for r in runs if r["method"] == n])) for n, _ in ks])}
-    Image.fromarray(line_chart(norms, "gradient norm (before clipping) vs K", "K")).save(RESULTS / "quality_grad_norm_vs_k.png")
+    Image.fromarray(line_chart(norms, "gradient norm (before clipping) vs K", "K")).save(results / "quality_grad_norm_vs_k.png")
     strengths = next(r["strengths"] for r in runs if "strengths" in r)
     Image.fromarray(line_chart({"held-out reward": (list(strengths), [v["reward"] for v in strengths.values()])},
-                               "reward vs LoRA strength (DRaFT-LV)", "strength")).save(RESULTS / "quality_lora_strength.png")
+                               "reward vs LoRA strength (DRaFT-LV)", "strength")).save(results / "quality_lora_strength.png")
 
 
 def main():
@@ -118,17 +117,19 @@ def main():
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run")
     p.add_argument("--eval-seeds", type=int, default=32)
     p.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     reward = digits.DigitReward(digits.load_classifier("reward_classifier"), args.target)
     judge = digits.load_classifier("judge_classifier")
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     runs = [run_method(name, METHODS[name], seed, args, reward, judge) for name in args.methods for seed in args.seeds]
-    (RESULTS / "quality.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    (args.out / "quality.json").write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "runs": runs},
+                                                      indent=1))
     if set(args.methods) == set(METHODS):
         table = report(runs, args)
-        (RESULTS / "quality.md").write_text(table)
-        plots(runs, args)
+        (args.out / "quality.md").write_text(table)
+        plots(runs, args, args.out)
         print(table)
 
 

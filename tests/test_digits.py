@@ -43,3 +43,16 @@ def test_demo_command_trains_and_writes_its_outputs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"before", "after", "config"}
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs_end_to_end_with_a_tiny_budget(tmp_path):
+    from ui_workflows import REPO
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--queries", "16", "--seeds", "0",
+                             "--eval-seeds", "2", "--evals", "1", "--sampling-steps", "4", "--batch-size", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("quality.json", "quality.md", "quality_reward_vs_queries.png", "quality_grad_norm_vs_k.png",
+                 "quality_lora_strength.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| DRaFT-LV (n=2) |" in (tmp_path / "quality.md").read_text()
