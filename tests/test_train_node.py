@@ -58,7 +58,7 @@ class EventLog:
         import websocket
         self.client_id = str(uuid.uuid4())
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=600)
-        self.events = []
+        self.events, self.binary_frames = [], 0
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -68,7 +68,9 @@ class EventLog:
                 message = self.ws.recv()
             except Exception:
                 return
-            if isinstance(message, str) and message:  # binary frames are preview images
+            if isinstance(message, bytes):  # preview images
+                self.binary_frames += 1
+            elif message:
                 self.events.append(json.loads(message))
 
     def of(self, kind):
@@ -91,6 +93,7 @@ def test_train_node_through_server_with_websocket_events(comfy_server, tiny_sd15
     assert all({"reward", "loss", "grad_norm"} <= set(s) for s in steps)
     progress = [p for p in log.of("progress") if p.get("node") == "3"]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 5
+    assert log.binary_frames >= 1  # the sample preview at step 5
     loras = comfy_server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]["lora_name"]
     assert "draft/served_00001_.safetensors" in json.dumps(loras)
     assert entry["outputs"]["10"]["images"]

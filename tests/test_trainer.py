@@ -164,11 +164,13 @@ def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_good_checkpoin
         assert torch.isfinite(v).all()
 
 
-def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path):
+@pytest.mark.parametrize("resnets", [False, True])
+def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path, resnets):
     from diffusers import StableDiffusionPipeline
     from tiny_diffusers import tiny_text_encoder, tiny_unet
 
-    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(steps=3, lr=5e-2))
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
+                      config(steps=3, lr=5e-2, resnet_loras=resnets))
     trainer.train()
     path = trainer.save_lora(tmp_path / "bright.safetensors")
     with pytest.raises(FileExistsError):
@@ -177,6 +179,9 @@ def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in state_dict)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in state_dict
+    assert ("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in state_dict) == resnets
+    if resnets:  # kohya conv LoRA: down (r, in, 3, 3), up (out, r, 1, 1)
+        assert state_dict["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[2:] == (3, 3)
     assert {v.dtype for v in state_dict.values()} == {torch.float16}
     assert metadata["ss_network_dim"] == "8" and metadata["comfy_draft_variant"] == "draft-lv"
     assert metadata["comfy_draft_reward"] == "brightness" and metadata["comfy_draft_steps"] == "3"
@@ -195,7 +200,7 @@ def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path
     assert (ours - base).abs().max() > 1e-3  # the LoRA changed the model...
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3 * ours.abs().max().item())  # ...and diffusers agrees
 
-    fresh = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config())
+    fresh = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(resnet_loras=resnets))
     fresh.loras.load_kohya_state_dict(state_dict, str(path))  # continue training from the file
     with torch.no_grad():
         again = fresh.backend.unet(x, t, encoder_hidden_states=cond).sample
@@ -245,3 +250,13 @@ def test_kl_regulariser_keeps_the_lora_closer_to_the_base(tmp_path):
     print(f"||LoRA delta||: no regulariser {sizes[0.0]:.4f}, kl_coef 50: {sizes[50.0]:.4f}")
     assert kls[0.0] == [0.0] * 6 and kls[50.0][0] == 0.0 and kls[50.0][-1] > 0  # starts at the base model
     assert sizes[50.0] < 0.8 * sizes[0.0]
+
+
+def test_gradient_accumulation_scores_every_micro_batch(tmp_path):
+    seen = []
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
+                      config(steps=1, accumulation=3, batch_size=1, variant="draft-k"),
+                      [lambda metrics, images: seen.append(metrics)])
+    trainer.train()
+    assert len(seen) == 1 and seen[0]["step"] == 1 and trainer.optimizer.state  # one optimizer step
+    assert seen[0]["reward_std"] > 0  # three different micro-batches were scored
