@@ -75,6 +75,7 @@ def add_parser(sub):
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-coef", type=float, default=0.0, help="regulariser towards the base model (DRaFT+)")
 
 
 def run(args):
@@ -90,7 +91,7 @@ def run(args):
     held_out_seeds = range(10_000, 10_000 + (32 if target is not None else 8))
     config = TrainConfig(prompts=train_prompts, variant=args.variant, steps=args.steps, lr=args.lr, cfg=args.cfg,
                          sampling_steps=args.sampling_steps, width=digits.SIZE, height=digits.SIZE,
-                         batch_size=args.batch_size, seed=args.seed, weight_decay=0.0)
+                         batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=args.kl_coef)
     log = open(os.path.join(args.out, "log.jsonl"), "w")
 
     def report(metrics, images):
