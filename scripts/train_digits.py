@@ -8,7 +8,6 @@ Run: .venv/bin/python scripts/train_digits.py [--steps 1200]  (about 15 minutes 
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file

@@ -1,7 +1,6 @@
 """The canvas extension and the example workflows in the real ComfyUI frontend, in headless Chromium."""
 import json
 import os
-import pathlib
 import shutil
 import time
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from comfy_draft import digits
 from comfy_draft.demo import evaluate

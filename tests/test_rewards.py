@@ -1,5 +1,4 @@
 """Built-in, combined and ImageNet-classifier rewards against independent references; reward nodes in ComfyUI."""
-import collections
 import os
 import pathlib
 

@@ -7,7 +7,7 @@ from tiny_diffusers import sd_scheduler, tiny_pixel_backend
 from comfy_draft import rewards
 from comfy_draft.backends.diffusers import guided, sample
 from comfy_draft.lora import load_kohya_file
-from comfy_draft.sampling import denoise_renoised, sample_ddim
+from comfy_draft.sampling import denoise_renoised
 from comfy_draft.trainer import NonFiniteError, TrainConfig, Trainer
 
 TRAIN_PROMPTS = ["a red square", "a blue circle", "a green triangle"]

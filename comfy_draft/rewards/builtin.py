@@ -1,5 +1,4 @@
 """Rewards that need no files: simple, differentiable image statistics."""
-import torch
 import torch.nn.functional as F
 
 from .base import Reward
