@@ -38,10 +38,10 @@ class LoRA(torch.nn.Module):
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank, *[1] * len(kernel)))
         torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
+    enabled = True  # False: the base model (e.g. for a regulariser's reference prediction)
+
     def delta(self):
         return (self.alpha / self.rank) * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
-
-    enabled = True  # False: the base model (e.g. for a regulariser's reference prediction)
 
     def forward(self, weight):
         return weight + self.delta().to(weight.dtype) if self.enabled else weight

@@ -74,7 +74,12 @@ def denoise_renoised(model, x0, sigma, noises, extra_args=None, checkpoint=True)
 
 def denoise(model, x, sigma, extra_args, checkpoint=False):
     """One model call at a scalar sigma; with `checkpoint`, its activations are recomputed in backward."""
-    sigma = sigma * x.new_ones([x.shape[0]])
-    if checkpoint and torch.is_grad_enabled():
-        return _checkpoint(lambda x, sigma: model(x, sigma, **extra_args), x, sigma, use_reentrant=False)
-    return model(x, sigma, **extra_args)
+    return checkpointed(lambda x, sigma: model(x, sigma, **extra_args), x, sigma * x.new_ones([x.shape[0]]),
+                        enabled=checkpoint)
+
+
+def checkpointed(fn, *args, enabled=True):
+    """fn(*args), keeping only its inputs for backward and recomputing the rest (when grad is on)."""
+    if enabled and torch.is_grad_enabled():
+        return _checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)

@@ -135,7 +135,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
         self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
-        self.params = [p for p in self.loras.parameters()]
+        self.params = list(self.loras.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.dtype = autocast_dtype(config.precision, backend.device)
         self.scaler = torch.amp.GradScaler(backend.device.type, enabled=self.dtype == torch.float16)

@@ -12,9 +12,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import torch
-import torch.utils.checkpoint
 
-from ..sampling import sample_ddim
+from ..sampling import checkpointed, sample_ddim
 
 
 def check_model(model):
@@ -175,8 +174,4 @@ class TrainingBackend:
 
         def decode(latent):
             return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
-        if checkpoint and torch.is_grad_enabled():
-            images = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False)
-        else:
-            images = decode(x0)
-        return ((images + 1) / 2).clamp(0, 1)
+        return ((checkpointed(decode, x0, enabled=checkpoint) + 1) / 2).clamp(0, 1)

@@ -5,9 +5,8 @@ space follows k-diffusion / ComfyUI: x = x_vp / sqrt(alpha_bar) = x0 + sigma * e
 sigma = sqrt((1 - alpha_bar) / alpha_bar).
 """
 import torch
-import torch.utils.checkpoint
 
-from ..sampling import check_grad_steps, sample_ddim
+from ..sampling import check_grad_steps, checkpointed, sample_ddim
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -69,9 +68,13 @@ def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, checkpoint=T
     space); returns x0 of the last step, differentiable in its last `grad_steps` steps."""
     sigmas = denoiser.ddim_sigmas(steps).to(noise.device, noise.dtype)
     check_grad_steps(grad_steps, steps)
-    x = noise * (1 + sigmas[0] ** 2).sqrt()
-    return sample_ddim(guided(denoiser, cond, uncond, cfg), x, sigmas, callback=callback,
+    return sample_ddim(guided(denoiser, cond, uncond, cfg), start_latent(noise, sigmas), sigmas, callback=callback,
                        grad_steps=grad_steps, checkpoint=checkpoint)
+
+
+def start_latent(noise, sigmas):
+    """x_T for unit Gaussian `noise` as diffusers starts DDIM (x_T = noise in DDPM space)."""
+    return noise * (1 + sigmas[0] ** 2).sqrt()
 
 
 def base_model_version(cross_attention_dim):
@@ -136,17 +139,13 @@ class TrainingBackend:
         """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM."""
         model = guided(self.denoiser, self.encode(prompts), self.encode([negative_prompt] * len(prompts)), cfg)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
-        return fn(model, noise.to(self.device) * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+        return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
     def decode(self, x0, checkpoint=True):
         """Images in [0, 1]; the VAE decoder is recomputed in the backward pass when `checkpoint`."""
         if self.vae is None:  # pixel space; grey images become RGB for the rewards
-            return ((x0 + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1) if x0.shape[1] == 1 else ((x0 + 1) / 2).clamp(0, 1)
-
-        def decode(z):
-            return self.vae.decode(z / self.vae.config.scaling_factor).sample
-        if checkpoint and torch.is_grad_enabled():
-            images = torch.utils.checkpoint.checkpoint(decode, x0, use_reentrant=False)
+            images = x0.expand(-1, 3, -1, -1) if x0.shape[1] == 1 else x0
         else:
-            images = decode(x0)
+            images = checkpointed(lambda z: self.vae.decode(z / self.vae.config.scaling_factor).sample, x0,
+                                  enabled=checkpoint)
         return ((images + 1) / 2).clamp(0, 1)
