@@ -11,8 +11,10 @@ import torch
 from .comfy_draft import rewards
 from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import load_kohya_file
-from .comfy_draft.plotting import curve_image
+from .comfy_draft.plotting import curve_image, image_grid
 from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer
+from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, strength_sweep,
+                                     sweep_table)
 
 # models/reward_models: reward weights (files, or Hugging Face folders picked by any file inside).
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
@@ -137,6 +139,100 @@ class DRaFTScoreImages:
         return {"ui": {"text": [text], "scores": scores.tolist()}, "result": (scores.mean().item(), text)}
 
 
+JUDGES = ("judge_1", "judge_2", "judge_3")
+
+
+def lines(text):
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def seed_list(first_seed, seeds):
+    return list(range(first_seed, first_seed + seeds))
+
+
+def judge_inputs(count):
+    return {name: ("DRAFT_REWARD", {"tooltip": "An independent reward to watch (not trained on)."})
+            for name in JUDGES[:count]}
+
+
+class DRaFTValidation:
+    DESCRIPTION = ("Held-out validation for DRaFT Train LoRA, against reward hacking: every N steps it samples "
+                   "held-out prompts and seeds and records the training reward, judge rewards and same-prompt "
+                   "diversity (relative to the base model); it can keep the best LoRA and stop early.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "build"
+    RETURN_TYPES = ("DRAFT_VALIDATION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = ValidationConfig(prompts=[""])
+        return {"required": {
+            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
+                                   "tooltip": "Held-out prompts, one per line: not among the training prompts."}),
+            "seeds": ("INT", {"default": len(d.seeds), "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "every": ("INT", {"default": d.every, "min": 1, "max": 100000, "tooltip": "Validate every N steps."}),
+            "keep": (["best", "last"], {"tooltip": "Save the best validated LoRA, or the last one."}),
+            "criterion": (["reward", *JUDGES], {"tooltip": "What 'best' means: the held-out training reward or a judge."}),
+            "diversity_floor": ("FLOAT", {"default": d.diversity_floor, "min": 0.0, "max": 10.0, "step": 0.05,
+                                          "tooltip": "Only LoRAs whose sample diversity is at least this fraction "
+                                                     "of the base model's can be kept as best (0: off)."}),
+            "patience": ("INT", {"default": d.patience, "min": 0, "max": 10000,
+                                 "tooltip": "Stop after this many validations without a new best (0: never)."}),
+        }, "optional": judge_inputs(3)}
+
+    def build(self, prompts, seeds, first_seed, every, keep, criterion, diversity_floor, patience, **judges):
+        config = ValidationConfig(prompts=lines(prompts), seeds=seed_list(first_seed, seeds), every=every,
+                                  criterion=criterion, diversity_floor=diversity_floor, patience=patience,
+                                  keep_best=keep == "best")
+        config.validate(judges)
+        return ((config, judges),)
+
+
+class DRaFTLoRAStrengthSweep:
+    DESCRIPTION = ("Evaluates a LoRA at several strengths (through ComfyUI's LoRA loader) on held-out prompts and "
+                   "seeds: reward, judges and diversity per strength, and a grid (one row per strength).")
+    CATEGORY = "DRaFT"
+    FUNCTION = "sweep"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("table", "grid")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+            "lora_name": (folder_paths.get_filename_list("loras"),),
+            "reward": ("DRAFT_REWARD",),
+            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit"}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+            "strengths": ("STRING", {"default": "0, 0.25, 0.5, 0.75, 1, 1.5"}),
+            "seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+        }, "optional": judge_inputs(2)}
+
+    def sweep(self, model, clip, vae, lora_name, reward, prompts, negative_prompt, strengths, seeds, first_seed,
+              steps, cfg, width, height, **judges):
+        try:
+            values = [float(v) for v in strengths.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"strengths: give numbers separated by commas, got {strengths!r}") from None
+        if not values or not lines(prompts):
+            raise ValueError("give at least one strength and one prompt")
+        lora = load_kohya_file(folder_paths.get_full_path_or_raise("loras", lora_name))[0]
+        backends = ((s, backend.SamplingBackend(comfy.sd.load_lora_for_models(model, None, lora, s, 0)[0], clip, vae))
+                    for s in values)
+        rows, images = strength_sweep(backends, reward, lines(prompts), seed_list(first_seed, seeds), negative_prompt,
+                                      cfg, steps, width, height, judges)
+        table = sweep_table(rows)
+        grid = torch.from_numpy(image_grid(images, len(images) // len(values))).float().div(255)[None]
+        return {"ui": {"text": [f"{lora_name}\n{table}"], "rows": rows}, "result": (table, grid)}
+
+
 class DRaFTTrainLoRA:
     DESCRIPTION = ("Trains a LoRA on the UNet with DRaFT so that sampled images score higher on the reward. Saves it "
                    "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied.")
@@ -176,7 +272,9 @@ class DRaFTTrainLoRA:
                                          {"tooltip": "Continue training from this LoRA (same rank)."}),
                          "kl_coef": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.01,
                                                "tooltip": "Regulariser against reward hacking: penalise the LoRA "
-                                                          "model's noise prediction for straying from the base model's."})},
+                                                          "model's noise prediction for straying from the base model's."}),
+                         "validation": ("DRAFT_VALIDATION", {"tooltip": "Held-out validation, keep-best and early "
+                                                                        "stopping (DRaFT Validation node)."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -186,9 +284,9 @@ class DRaFTTrainLoRA:
 
     def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", kl_coef=0.0, unique_id=None):
+              resume_lora="none", kl_coef=0.0, validation=None, unique_id=None):
         config = TrainConfig(
-            prompts=[line.strip() for line in prompts.splitlines() if line.strip()], negative_prompt=negative_prompt,
+            prompts=lines(prompts), negative_prompt=negative_prompt,
             variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
             cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
             save_every=save_every, kl_coef=kl_coef)
@@ -197,8 +295,9 @@ class DRaFTTrainLoRA:
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
         state = os.path.join(folder_paths.get_output_directory(), "draft_training", subfolder,
                              f"{name}_{counter:05}_.state.pt")
+        validator = Validator(*validation) if validation is not None else None
         trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
-                          [self.reporter(unique_id, training_steps)], checkpoint_path=state)
+                          [self.reporter(unique_id, training_steps)], checkpoint_path=state, validator=validator)
         if resume_lora != "none":
             lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
@@ -212,8 +311,13 @@ class DRaFTTrainLoRA:
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
             curve = torch.from_numpy(curve_image(history)).float().div(255)[None]
-        return {"ui": {"text": [f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
-                                f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}"]},
+        text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
+                f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
+        if validator is not None:
+            first, kept = validator.history[0], next(m for m in validator.history if m["step"] == trainer.kept_step)
+            text += "\nheld-out: " + ", ".join(f"{k[4:]} {first[k]:.4g} -> {kept[k]:.4g}" for k in first if k.startswith("val_"))
+            text += f"\nsaved the LoRA of step {trainer.kept_step} of {trainer.step}"
+        return {"ui": {"text": [text]},
                 "result": (patched, path, curve, history[-1]["reward"])}
 
     def reporter(self, node_id, total):
@@ -243,6 +347,8 @@ NODE_CLASS_MAPPINGS = {
     "DRaFTRewardCombine": DRaFTRewardCombine,
     "DRaFTScoreImages": DRaFTScoreImages,
     "DRaFTTrainLoRA": DRaFTTrainLoRA,
+    "DRaFTValidation": DRaFTValidation,
+    "DRaFTLoRAStrengthSweep": DRaFTLoRAStrengthSweep,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTDDIMSampler": "DRaFT DDIM Sampler",
@@ -251,4 +357,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTRewardCombine": "DRaFT Combine Rewards",
     "DRaFTScoreImages": "DRaFT Score Images",
     "DRaFTTrainLoRA": "DRaFT Train LoRA",
+    "DRaFTValidation": "DRaFT Validation",
+    "DRaFTLoRAStrengthSweep": "DRaFT LoRA Strength Sweep",
 }

@@ -4,44 +4,25 @@ By default the paper's "diffusion adversarial examples" in miniature: prompts as
 the reward is a classifier's log-probability of another, so the LoRA learns to draw the prompted digit
 the way the classifier reads the target. `--target prompted` rewards prompt alignment instead.
 """
+import contextlib
 import json
 import os
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 from . import digits
-from .backends.diffusers import sample
-from .plotting import curve_image
+from .plotting import curve_image, image_grid
 from .trainer import TrainConfig, Trainer
+from .validation import held_out_images
 
 
 def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None):
-    """Samples (no gradient) for every prompt x seed; with `strength`, the LoRA is scaled first."""
-    loras = backend.loras
-    saved = None
-    if loras is not None and strength is not None:
-        saved = {k: v.up.detach().clone() for k, v in loras.items()}
-        with torch.no_grad():
-            for lora in loras.values():
-                lora.up.mul_(strength)
-    try:
-        with torch.no_grad():
-            images = []
-            for prompt in prompts:
-                noise = torch.stack([torch.randn(1, digits.SIZE, digits.SIZE, generator=torch.Generator().manual_seed(s))
-                                     for s in seeds])
-                x0 = sample(backend.denoiser, backend.encode([prompt] * len(seeds)), backend.encode([""] * len(seeds)),
-                            cfg, noise.to(backend.device), steps)
-                images.append(backend.decode(x0))
-            return torch.cat(images)
-    finally:
-        if saved is not None:
-            with torch.no_grad():
-                for name, up in saved.items():
-                    loras[name].up.copy_(up)
+    """Samples (no gradient) for every prompt x seed; with `strength`, the LoRA's strength."""
+    scaled = backend.loras.scaled(strength) if backend.loras is not None and strength is not None else contextlib.nullcontext()
+    with scaled:
+        return held_out_images(backend, prompts, seeds, "", cfg, steps, digits.SIZE, digits.SIZE)
 
 
 def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None):
@@ -54,13 +35,6 @@ def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strengt
         hits = (judge(images).argmax(-1).cpu() == wanted).float()
     return {"reward": rewards.mean().item(), "reward_sem": (rewards.std() / len(rewards) ** 0.5).item(),
             "judge_accuracy": hits.mean().item()}, images
-
-
-def grid(images, columns):
-    """(N, 3, H, W) in [0, 1] -> an RGB PIL image, `columns` per row, scaled up 4x."""
-    rows = [torch.cat(list(images[i:i + columns]), dim=-1) for i in range(0, len(images), columns)]
-    array = (torch.cat(rows, dim=-2).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST)
 
 
 def add_parser(sub):
@@ -115,7 +89,7 @@ def run(args):
     lora = trainer.save_lora(os.path.join(args.out, "digits_draft.safetensors"), overwrite=True)
     Image.fromarray(curve_image(trainer.history)).save(os.path.join(args.out, "reward_curve.png"))
     columns = len(held_out_seeds) if target is None else 16
-    grid(torch.cat([before_images, after_images]), columns).save(os.path.join(args.out, "before_after.png"))
+    Image.fromarray(image_grid(torch.cat([before_images, after_images]), columns, 4)).save(os.path.join(args.out, "before_after.png"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"before": before, "after": after, "config": vars(args)}, f, indent=1)
     print(f"wrote {lora}, reward_curve.png, before_after.png (top: before, bottom: after), log.jsonl in {args.out}")

@@ -68,10 +68,14 @@ class DigitClassifier(torch.nn.Module):
             torch.nn.Flatten(), torch.nn.Linear(2 * width * 16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
     def forward(self, images):
+        return self.net[-1](self.features(images))
+
+    def features(self, images):
+        """The penultimate layer (128 ReLU units)."""
         images = images.mean(1, keepdim=True)
         if images.shape[-2:] != (SIZE, SIZE):
             images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        return self.net(images * 2 - 1)
+        return self.net[:-1](images * 2 - 1)
 
 
 class DigitReward(Reward):
@@ -90,6 +94,9 @@ class DigitReward(Reward):
             raise ValueError(f"{self.name}: every prompt must name a digit")
         log_probs = self.classifier(images).log_softmax(-1)
         return log_probs[torch.arange(len(digits)), torch.tensor(digits, device=log_probs.device)]
+
+    def features(self, images):
+        return self.classifier.features(images)
 
 
 def load_classifier(name="reward_classifier"):

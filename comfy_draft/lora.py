@@ -38,13 +38,14 @@ class LoRA(torch.nn.Module):
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank, *[1] * len(kernel)))
         torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
-    enabled = True  # False: the base model (e.g. for a regulariser's reference prediction)
+    strength = 1.0  # as a LoraLoader's strength; 0 is the base model (the regulariser's reference)
 
     def delta(self):
-        return (self.alpha / self.rank) * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
+        scale = self.strength * self.alpha / self.rank
+        return scale * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
 
     def forward(self, weight):
-        return weight + self.delta().to(weight.dtype) if self.enabled else weight
+        return weight + self.delta().to(weight.dtype) if self.strength else weight
 
 
 def is_target(module_path, include_resnets=False):
@@ -63,15 +64,20 @@ class LoRASet(torch.nn.ModuleDict):
         super().__init__({name: LoRA(shape, rank, alpha) for name, shape in shapes.items()})
 
     @contextlib.contextmanager
-    def disabled(self):
-        """Temporarily the frozen base model."""
+    def scaled(self, strength):
+        """Temporarily base + strength * delta (what a LoraLoader with that strength builds)."""
+        saved = [lora.strength for lora in self.values()]
         for lora in self.values():
-            lora.enabled = False
+            lora.strength = float(strength)
         try:
             yield
         finally:
-            for lora in self.values():
-                lora.enabled = True
+            for lora, s in zip(self.values(), saved):
+                lora.strength = s
+
+    def disabled(self):
+        """Temporarily the frozen base model."""
+        return self.scaled(0.0)
 
     def kohya_state_dict(self, dtype=torch.float16):
         out = {}

@@ -39,12 +39,25 @@ def line_chart(series, title="", x_label="step", width=640, height=360):
 
 
 def curve_image(history, width=640, height=360):
-    """The training curve: reward, loss and gradient norm per step, each scaled to the panel
-    (its range is in its label)."""
-    steps = [m["step"] for m in history]
+    """The training curve: reward, loss and gradient norm per step, and the validation metrics (`val_*`)
+    at the steps that have them, each scaled to the panel (its range is in its label)."""
+    keys = ["reward", "loss", "grad_norm"] + sorted({k for m in history for k in m if k.startswith("val_")})
     series = {}
-    for key in ("reward", "loss", "grad_norm"):
-        values = np.array([m[key] for m in history], dtype=float)
-        lo, hi = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    for key in keys:
+        steps = [m["step"] for m in history if key in m]
+        values = np.array([m[key] for m in history if key in m], dtype=float)
+        finite = values[np.isfinite(values)]
+        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
         series[f"{key} [{lo:.3g}, {hi:.3g}]"] = (steps, (values - lo) / ((hi - lo) or 1.0))
     return line_chart(series, "training curve (each series scaled to its range)", "step", width, height)
+
+
+def image_grid(images, columns, scale=1):
+    """(N, 3, H, W) in [0, 1] -> an RGB uint8 array, `columns` per row (the last row padded), scaled up."""
+    import torch
+
+    pad = (-len(images)) % columns
+    images = torch.cat([images, images.new_zeros(pad, *images.shape[1:])])
+    rows = [torch.cat(list(images[i:i + columns]), dim=-1) for i in range(0, len(images), columns)]
+    array = (torch.cat(rows, dim=-2).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return array.repeat(scale, 0).repeat(scale, 1)

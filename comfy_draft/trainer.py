@@ -127,11 +127,15 @@ class Trainer:
 
     callbacks: functions called as `fn(metrics, images)` after every step (images: the step's decoded
     samples, detached, in [0, 1]); raising from one stops training after saving a checkpoint.
+    validator: a `validation.Validator`; its `val_*` metrics join the metrics of the steps it validates,
+    it may stop training early, and with keep-best the LoRA left at the end is the best validated one.
     """
 
-    def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None):
+    def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
         config.validate()
         self.backend, self.reward, self.config = backend, reward, config
+        self.validator = validator
+        self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
         self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
@@ -199,12 +203,22 @@ class Trainer:
         self.history.append(metrics)
         return metrics, outs[-1]["images"]
 
+    def validate(self):
+        with torch.inference_mode(False):
+            return self.validator(self)
+
     def train(self):
-        """Run to `config.steps`; checkpoints every `save_every` steps, at the end, and on any error or
-        interruption (holding the last good state), then re-raises."""
+        """Run to `config.steps` (or an early stop); checkpoints every `save_every` steps, at the end, and on
+        any error or interruption (holding the last good state), then re-raises. With a keep-best validator
+        the LoRA is then set to the best validated one (`self.kept_step`)."""
+        v = self.validator
         try:
-            while self.step < self.config.steps:
+            if v is not None and not v.history:
+                self.validate()  # the starting point (and the base model's diversity)
+            while self.step < self.config.steps and not (v is not None and v.should_stop(self.step)):
                 metrics, images = self.train_step()
+                if v is not None and v.due(self.step, self.config.steps):
+                    metrics.update(self.validate())
                 for callback in self.callbacks:
                     callback(metrics, images)
                 if self.config.save_every and self.step % self.config.save_every == 0:
@@ -213,14 +227,20 @@ class Trainer:
             self.save_checkpoint()
             raise
         self.save_checkpoint()
+        self.kept_step = self.step
+        if v is not None and v.restore_best(self.loras) is not None:
+            self.kept_step = v.best["step"]
         return self.history
 
     # ----- files --------------------------------------------------------------------------------------
     def lora_metadata(self):
         c = self.config
         return {"ss_base_model_version": self.backend.base_model_version, "comfy_draft_reward": self.reward.name,
-                "comfy_draft_variant": c.variant, "comfy_draft_steps": str(self.step),
-                "comfy_draft_prompts_sha256": digest(c.prompts), "comfy_draft_config": dataclasses.asdict(c)}
+                "comfy_draft_variant": c.variant, "comfy_draft_steps": str(self.step if self.kept_step is None else self.kept_step),
+                "comfy_draft_prompts_sha256": digest(c.prompts), "comfy_draft_config": dataclasses.asdict(c),
+                **({"comfy_draft_validation": {"config": dataclasses.asdict(self.validator.config),
+                                               "best": {k: v for k, v in self.validator.best.items() if k != "lora"}}}
+                   if self.validator is not None and self.validator.best else {})}
 
     def save_lora(self, path, overwrite=False):
         return self.loras.save(path, self.lora_metadata(), overwrite)
@@ -235,7 +255,8 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config)}
+                 "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config),
+                 "validator": self.validator.state_dict() if self.validator is not None else None}
         atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
         return path
 
@@ -257,4 +278,6 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.history = state["step"], list(state["history"])
+        if self.validator is not None and state.get("validator"):
+            self.validator.load_state_dict(state["validator"])
         return self

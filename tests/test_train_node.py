@@ -7,6 +7,8 @@ import uuid
 import pytest
 import torch
 
+from comfy_draft.lora import load_kohya_file
+
 pytestmark = pytest.mark.slow
 
 
@@ -169,3 +171,61 @@ def test_alpha_beta_blending_with_chained_lora_loaders(comfyui, tiny_sd15):
                 if alpha or beta:
                     assert (patched[n] - base[n]).abs().max() > 10 * (patched[n] - expected).abs().max()
     comfy.model_management.unload_all_models()
+
+
+def test_validation_node_keeps_the_best_lora(comfyui, tiny_sd15):
+    prompt = train_prompt(tiny_sd15, steps=3, lora_name="draft/validated")
+    prompt["11"] = {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}}
+    prompt["12"] = {"class_type": "DRaFTValidation", "inputs": {
+        "prompts": "a green hill", "seeds": 2, "first_seed": 5, "every": 2, "keep": "best", "criterion": "judge_1",
+        "diversity_floor": 0.0, "patience": 0, "judge_1": ["11", 0]}}
+    prompt["3"]["inputs"]["validation"] = ["12", 0]
+    text = comfyui.run(prompt)["outputs"]["3"]["text"][0]
+    assert "held-out: reward" in text and "judge_1" in text and "diversity" in text, text
+    assert "saved the LoRA of step" in text, text
+
+
+def test_strength_sweep_node_agrees_with_the_library(comfyui, tiny_sd15):
+    """The node applies the LoRA with ComfyUI's loader and decodes with ComfyUI's VAE; the library scales
+    its own LoRA weights and decodes with its copy of the decoder: the tables must agree."""
+    import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    from comfy_draft.rewards import builtin_reward
+    from comfy_draft.validation import scaled, strength_sweep
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    backend = TrainingBackend(model, clip, vae)
+    loras = backend.add_loras(rank=4)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
+    loras.save(f"{lora_dir}/sweep_me.safetensors", overwrite=True)
+    loras.load_kohya_state_dict(load_kohya_file(f"{lora_dir}/sweep_me.safetensors")[0])  # the file's fp16 values
+
+    settings = dict(prompts="a red apple\na blue car", negative_prompt="", seeds=2, first_seed=11, steps=3, cfg=5.0,
+                    width=64, height=64)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15}},
+        "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
+        "3": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "contrast"}},
+        "4": {"class_type": "DRaFTLoRAStrengthSweep", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_name": "sweep_me.safetensors",
+            "reward": ["2", 0], "judge_1": ["3", 0], "strengths": "0, 1, -0.5", **settings}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
+    outputs = comfyui.run(prompt)["outputs"]
+    rows = outputs["4"]["rows"]
+    assert "| strength | reward | judge_1 | diversity |" in outputs["4"]["text"][0]
+    assert outputs["5"]["images"]
+    expected, _ = strength_sweep(scaled(backend, loras, [0.0, 1.0, -0.5]), builtin_reward("brightness"),
+                                 ["a red apple", "a blue car"], [11, 12], "", 5.0, 3, 64, 64,
+                                 {"judge_1": builtin_reward("contrast")})
+    assert [r["strength"] for r in rows] == [0.0, 1.0, -0.5]
+    for got, want in zip(rows, expected):
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (key, got, want)
+    assert abs(rows[1]["reward"] - rows[0]["reward"]) > 1e-3  # the LoRA changes the samples

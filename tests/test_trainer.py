@@ -236,7 +236,7 @@ def test_base_model_penalty_against_a_separate_base_model(tmp_path):
     expected = ((tuned - base) / sigma).square().mean()
     assert expected > 0
     torch.testing.assert_close(penalty, expected, rtol=1e-4, atol=0)
-    assert all(lora.enabled for lora in trainer.loras.values())  # restored after the reference call
+    assert all(lora.strength == 1.0 for lora in trainer.loras.values())  # restored after the reference call
 
 
 def test_kl_regulariser_keeps_the_lora_closer_to_the_base(tmp_path):

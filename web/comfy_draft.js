@@ -5,15 +5,23 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const CHART_HEIGHT = 170;
+const CHART_HEIGHT = 200;
 const SERIES = [
   ["reward", "#4a90e2"],
   ["loss", "#e2733a"],
   ["grad_norm", "#5cb85c"],
 ];
+// Held-out validation metrics (val_reward, val_<judge>, val_diversity, ...) arrive every few steps.
+const VALIDATION_COLOURS = ["#d9534f", "#f0ad4e", "#b366ff", "#5bc0de", "#e0e0e0"];
+
+function seriesOf(history) {
+  const keys = new Set();
+  history.forEach((m) => Object.keys(m).forEach((k) => k.startsWith("val_") && keys.add(k)));
+  return SERIES.concat([...keys].sort().map((k, i) => [k, VALIDATION_COLOURS[i % VALIDATION_COLOURS.length]]));
+}
 
 function drawChart(ctx, history, width, top) {
-  const pad = 10, x0 = pad, y0 = top + 16, w = width - 2 * pad, h = CHART_HEIGHT - 24;
+  const pad = 10, x0 = pad, y0 = top + 30, w = width - 2 * pad, h = CHART_HEIGHT - 38;
   ctx.save();
   ctx.fillStyle = "#1e1e1e";
   ctx.fillRect(x0, y0, w, h);
@@ -27,21 +35,25 @@ function drawChart(ctx, history, width, top) {
     return;
   }
   const last = history[history.length - 1];
-  SERIES.forEach(([key, colour], i) => {
-    const values = history.map((m) => m[key]).filter((v) => Number.isFinite(v));
-    if (!values.length) return;
+  const total = Math.max(2, last.total ?? last.step);
+  const series = seriesOf(history);
+  series.forEach(([key, colour], i) => {
+    const points = history.filter((m) => Number.isFinite(m[key]));
+    if (!points.length) return;
+    const values = points.map((m) => m[key]);
     const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
-    ctx.strokeStyle = colour;
+    ctx.strokeStyle = ctx.fillStyle = colour;
     ctx.lineWidth = key === "reward" ? 2 : 1;
     ctx.beginPath();
-    history.forEach((m, j) => {
-      const x = x0 + (w * j) / Math.max(1, history.length - 1);
+    points.forEach((m, j) => {
+      const x = x0 + (w * (m.step - 1)) / (total - 1);
       const y = y0 + h - (h * (m[key] - lo)) / span;
       j ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+      if (key.startsWith("val_")) ctx.fillRect(x - 2, y - 2, 4, 4);
     });
     ctx.stroke();
-    ctx.fillStyle = colour;
-    ctx.fillText(`${key} ${Number(last[key]).toPrecision(4)}`, x0 + i * (w / 3), y0 - 4);
+    const label = `${key} ${Number(values[values.length - 1]).toPrecision(4)}`;
+    ctx.fillText(label, x0 + (i % 4) * (w / 4), top + 12 + 13 * Math.floor(i / 4));
   });
   ctx.fillStyle = "#aaa";
   ctx.fillText(`step ${last.step}/${last.total}`, x0 + w - 80, y0 + h - 5);
@@ -85,7 +97,7 @@ app.registerExtension({
         this.setSize(this.computeSize());
       };
     }
-    if (nodeData.name === "DRaFTScoreImages" || nodeData.name === "DRaFTTrainLoRA") {
+    if (["DRaFTScoreImages", "DRaFTTrainLoRA", "DRaFTLoRAStrengthSweep"].includes(nodeData.name)) {
       const onExecuted = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (message) {
         onExecuted?.apply(this, arguments);

@@ -107,45 +107,16 @@ def batch_conditioning(conds):
     return [[torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors]), extra]]
 
 
-class TrainingBackend:
-    """A ComfyUI MODEL + CLIP + VAE for `Trainer`.
-
-    ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for
-    backward, so training uses a fresh copy of the model (as ComfyUI's own TrainLoraNode does), a copy
-    of the VAE decoder and cloned text conditioning. LoRAs attach as ModelPatcher weight wrappers,
-    ComfyUI's own mechanism, so guidance, SDXL conds and other patches keep working.
-    """
+class SamplingBackend:
+    """A ComfyUI MODEL + CLIP + VAE as used as they are, without gradients (held-out samples, sweeps):
+    prompts encoded by the CLIP, DDIM through ComfyUI's guider, images decoded by ComfyUI's VAE."""
 
     def __init__(self, model, clip, vae):
         check_model(model)
-        with torch.inference_mode(False):
-            self.model = model.clone(force_deepcopy=True)
-            self.model.model.requires_grad_(False)
-            self.vae_model = copy.deepcopy(vae.first_stage_model).requires_grad_(False).eval()
-        self.clip = clip
-        self.vae_dtype = vae.vae_dtype
-        self.latent_format = self.model.get_model_object("latent_format")
-        self.device = torch.device(self.model.load_device)
-        self.base_model_version = base_model_version(self.model)
+        self.model, self.clip, self.vae = model, clip, vae
+        self.latent_format = model.get_model_object("latent_format")
+        self.device = torch.device(model.load_device)
         self._prompt_cache = {}
-        self.loras = None
-
-    def add_loras(self, rank, alpha=None, resnets=False):
-        from ..lora import LoRASet, is_target, kohya_name
-
-        unet = self.model.model.diffusion_model
-        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")]
-        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
-        to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
-                        for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
-        use_ldm = self.base_model_version.startswith("sdxl")
-        names = {n: kohya_name(n if use_ldm else to_diffusers.get(n, n)) for n in targets}
-        with torch.inference_mode(False):
-            self.loras = LoRASet({names[n]: unet.get_submodule(n).weight.shape for n in targets}, rank, alpha)
-            self.loras.to(self.device)
-        for n in targets:
-            self.model.add_weight_wrapper(f"diffusion_model.{n}.weight", self.loras[names[n]])
-        return self.loras
 
     def encode(self, prompts):
         for p in dict.fromkeys(prompts):
@@ -167,6 +138,48 @@ class TrainingBackend:
         positive, negative = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
         return run_guided(self.model, positive, negative, cfg, sigmas, lambda m, x, s, callback: fn(m, x, s),
                           torch.zeros(noise.shape), noise)
+
+    def decode(self, x0, checkpoint=False):
+        """Images (B, 3, H, W) in [0, 1] from ComfyUI's VAE decode (no gradient)."""
+        return self.vae.decode(self.latent_format.process_out(x0)).movedim(-1, 1).to(x0.device)
+
+
+class TrainingBackend(SamplingBackend):
+    """A ComfyUI MODEL + CLIP + VAE for `Trainer`.
+
+    ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for
+    backward, so training uses a fresh copy of the model (as ComfyUI's own TrainLoraNode does), a copy
+    of the VAE decoder and cloned text conditioning. LoRAs attach as ModelPatcher weight wrappers,
+    ComfyUI's own mechanism, so guidance, SDXL conds and other patches keep working.
+    """
+
+    def __init__(self, model, clip, vae):
+        check_model(model)
+        with torch.inference_mode(False):
+            model = model.clone(force_deepcopy=True)
+            model.model.requires_grad_(False)
+            self.vae_model = copy.deepcopy(vae.first_stage_model).requires_grad_(False).eval()
+        super().__init__(model, clip, vae)
+        self.vae_dtype = vae.vae_dtype
+        self.base_model_version = base_model_version(self.model)
+        self.loras = None
+
+    def add_loras(self, rank, alpha=None, resnets=False):
+        from ..lora import LoRASet, is_target, kohya_name
+
+        unet = self.model.model.diffusion_model
+        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")]
+        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
+        to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
+                        for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
+        use_ldm = self.base_model_version.startswith("sdxl")
+        names = {n: kohya_name(n if use_ldm else to_diffusers.get(n, n)) for n in targets}
+        with torch.inference_mode(False):
+            self.loras = LoRASet({names[n]: unet.get_submodule(n).weight.shape for n in targets}, rank, alpha)
+            self.loras.to(self.device)
+        for n in targets:
+            self.model.add_weight_wrapper(f"diffusion_model.{n}.weight", self.loras[names[n]])
+        return self.loras
 
     def decode(self, x0, checkpoint=True):
         """Images (B, 3, H, W) in [0, 1], differentiable; the decoder is recomputed in backward."""

@@ -25,6 +25,10 @@ class Reward(torch.nn.Module):
     def score(self, images, prompts):
         raise NotImplementedError
 
+    def features(self, images):
+        """(B, D) image features in which sample diversity is measured (e.g. CLIP embeddings), or None."""
+        return None
+
 
 def frozen(module):
     """Eval mode, no parameter gradients; returns the module."""

@@ -232,7 +232,17 @@ def _cosine(a, b):
     return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
 
 
-class AestheticReward(Reward):
+class ClipReward(Reward):
+    """A reward on a CLIP image embedding; `features` are those embeddings, L2-normalised."""
+
+    def pixels(self, images):
+        return _crop_pixels(images, self.clip.image_size)
+
+    def features(self, images):
+        return F.normalize(self.clip.encode_image(self.pixels(images)), dim=-1)
+
+
+class AestheticReward(ClipReward):
     """LAION aesthetic predictor v2: an MLP on the L2-normalised CLIP ViT-L/14 image embedding (about 1-10)."""
 
     def __init__(self, clip, mlp):
@@ -242,8 +252,7 @@ class AestheticReward(Reward):
         self.name = "LAION aesthetic v2"
 
     def score(self, images, prompts):
-        embedding = F.normalize(self.clip.encode_image(_crop_pixels(images, self.clip.image_size)), dim=-1)
-        return self.mlp(embedding).squeeze(-1)
+        return self.mlp(self.features(images)).squeeze(-1)
 
 
 class AestheticMLP(torch.nn.Module):
@@ -279,7 +288,7 @@ def load_aesthetic(mlp_path, clip_path, allow_unsafe_pickle=False):
     return frozen(AestheticReward(clip, mlp))
 
 
-class HPSv2Reward(Reward):
+class HPSv2Reward(ClipReward):
     """Human Preference Score v2 / v2.1: cosine similarity of image and prompt in a fine-tuned ViT-H-14."""
 
     def __init__(self, clip):
@@ -287,10 +296,12 @@ class HPSv2Reward(Reward):
         self.clip = clip
         self.name = "HPSv2"
 
-    def score(self, images, prompts):
+    def pixels(self, images):
         # HPSv2 keeps the whole image: longest side to size, black padding (0 before normalisation).
-        pixels = normalize(resize_longest_pad(images, self.clip.image_size, fill=0.0), CLIP_MEAN, CLIP_STD)
-        return _cosine(self.clip.encode_image(pixels), self.clip.encode_text(prompts))
+        return normalize(resize_longest_pad(images, self.clip.image_size, fill=0.0), CLIP_MEAN, CLIP_STD)
+
+    def score(self, images, prompts):
+        return _cosine(self.features(images), self.clip.encode_text(prompts))
 
 
 def load_hpsv2(path, allow_unsafe_pickle=False):
@@ -300,7 +311,7 @@ def load_hpsv2(path, allow_unsafe_pickle=False):
     return frozen(HPSv2Reward(clip))
 
 
-class PickScoreReward(Reward):
+class PickScoreReward(ClipReward):
     """PickScore: exp(logit_scale) * cosine(image, prompt), about 20-23 on real images."""
 
     def __init__(self, clip):
@@ -309,8 +320,7 @@ class PickScoreReward(Reward):
         self.name = "PickScore"
 
     def score(self, images, prompts):
-        pixels = _crop_pixels(images, self.clip.image_size)
-        return self.clip.logit_scale.exp() * _cosine(self.clip.encode_image(pixels), self.clip.encode_text(prompts))
+        return self.clip.logit_scale.exp() * _cosine(self.features(images), self.clip.encode_text(prompts))
 
 
 def load_pickscore(folder):
@@ -320,7 +330,7 @@ def load_pickscore(folder):
     return frozen(PickScoreReward(clip))
 
 
-class ClipSimilarityReward(Reward):
+class ClipSimilarityReward(ClipReward):
     """Cosine similarity between the image and a fixed text (e.g. "a pencil sketch"); prompts are ignored."""
 
     def __init__(self, clip, target_text):
@@ -331,8 +341,7 @@ class ClipSimilarityReward(Reward):
             self.register_buffer("target", F.normalize(clip.encode_text([target_text]), dim=-1))
 
     def score(self, images, prompts):
-        pixels = _crop_pixels(images, self.clip.image_size)
-        return _cosine(self.clip.encode_image(pixels), self.target)
+        return _cosine(self.features(images), self.target)
 
 
 def load_clip_similarity(path, target_text, allow_unsafe_pickle=False):

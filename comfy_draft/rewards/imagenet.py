@@ -81,6 +81,9 @@ class ImageNetClassifierReward(Reward):
         images = images[..., top:top + self.input_size, top:top + self.input_size]
         return self.model(normalize(images, IMAGENET_MEAN, IMAGENET_STD))
 
+    def features(self, images):
+        return self.logits(images)
+
     def score(self, images, prompts):
         log_probs = self.logits(images).log_softmax(-1)
         return self.sign * log_probs[:, self.classes].logsumexp(-1)
