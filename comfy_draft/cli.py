@@ -6,6 +6,7 @@ import os
 import sys
 
 from .trainer import VARIANTS, TrainConfig, Trainer
+from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
 
@@ -30,30 +31,72 @@ def load_pipeline(path, config=None, device=None):
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def build_reward(args):
+def load_backend(args):
+    """The bundled digit model (`--model digits`) or a local diffusers pipeline, as a training backend."""
+    if args.model == "digits":
+        from . import digits
+        return digits.load_backend(args.device or "cpu")
+    from .backends.diffusers import TrainingBackend
+    return TrainingBackend.from_pipeline(load_pipeline(args.model, args.config, args.device))
+
+
+def reward_from(family, path=None, extra="", maximize=True):
+    """A reward by family: built-in names need nothing; `digit` takes a bundled classifier name and a target
+    digit (or 'prompted'); `aesthetic` takes the CLIP tower as `extra`, text-driven families their text."""
     from . import rewards
-    if args.reward in rewards.BUILTIN_REWARDS:
-        return rewards.builtin_reward(args.reward)
-    if not args.reward_file:
-        raise SystemExit(f"--reward {args.reward} needs --reward-file")
-    return rewards.load_reward(args.reward, args.reward_file, args.reward_clip, args.reward_text, not args.minimize)
+    if family in rewards.BUILTIN_REWARDS:
+        return rewards.builtin_reward(family)
+    if family == "digit":
+        from . import digits
+        target = None if extra in ("", "prompted") else int(extra)
+        return digits.DigitReward(digits.load_classifier(path or "reward_classifier"), target)
+    if not path:
+        raise SystemExit(f"reward {family} needs a file")
+    clip = extra if family == "aesthetic" else None
+    return rewards.load_reward(family, path, clip, "" if clip else extra, maximize)
+
+
+def build_reward(args):
+    extra = args.reward_clip if args.reward == "aesthetic" else args.reward_text
+    return reward_from(args.reward, args.reward_file, extra or "", not args.minimize)
+
+
+def parse_judges(specs):
+    """`--judge FAMILY[=PATH[,EXTRA]]` -> {family: reward} (see `reward_from`)."""
+    judges = {}
+    for spec in specs or []:
+        family, _, rest = spec.partition("=")
+        path, _, extra = rest.partition(",")
+        judges[family] = reward_from(family, path or None, extra)
+    return judges
+
+
+def add_model_arguments(p):
+    p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x checkpoint, or "
+                   "'digits' for the bundled digit model")
+    p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--reward", required=True, help="a built-in reward (brightness, saturation, contrast, sharpness, "
+                   "compressibility), a family (aesthetic, hpsv2, pickscore, clip_similarity, imagenet_classifier) "
+                   "or 'digit' (the bundled digit classifier)")
+    p.add_argument("--reward-file", help="the reward's weights file or folder")
+    p.add_argument("--reward-clip", help="aesthetic: the CLIP ViT-L/14 tower")
+    p.add_argument("--reward-text", default="", help="clip_similarity: target text; imagenet_classifier: classes; "
+                   "digit: target digit or 'prompted'")
+    p.add_argument("--minimize", action="store_true", help="imagenet_classifier: push away from the classes")
+    p.add_argument("--judge", action="append", metavar="FAMILY[=PATH[,EXTRA]]",
+                   help="an independent reward to watch on held-out samples (repeatable), e.g. 'saturation', "
+                        "'hpsv2=HPS_v2.1_compressed.pt', 'digit=judge_classifier,prompted'")
 
 
 def train_parser(sub):
     p = sub.add_parser("train", help="train a DRaFT LoRA on a reward",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers folder or single-file SD1.x/SD2.x checkpoint")
-    p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="LoRA file to write (kohya .safetensors); also <out>.ckpt, <out>.jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing LoRA file")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (same settings)")
     p.add_argument("--init-lora", help="start from this kohya LoRA file (same rank and targets)")
-    p.add_argument("--reward", required=True, help="a built-in reward (brightness, saturation, contrast, sharpness, "
-                   "compressibility) or a family (aesthetic, hpsv2, pickscore, clip_similarity, imagenet_classifier)")
-    p.add_argument("--reward-file", help="the reward's weights file or folder")
-    p.add_argument("--reward-clip", help="aesthetic: the CLIP ViT-L/14 tower")
-    p.add_argument("--reward-text", default="", help="clip_similarity: target text; imagenet_classifier: classes")
-    p.add_argument("--minimize", action="store_true", help="imagenet_classifier: push away from the classes")
     p.add_argument("--prompts", nargs="+", help="training prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
@@ -70,11 +113,27 @@ def train_parser(sub):
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    v = ValidationConfig(prompts=[""])
+    p.add_argument("--val-prompts", nargs="+", help="held-out prompts: validate every --val-every steps")
+    p.add_argument("--val-seeds", type=int, default=len(v.seeds), help="held-out samples per prompt")
+    p.add_argument("--val-every", type=int, default=v.every)
+    p.add_argument("--keep", choices=("best", "last"), default="best", help="with --val-prompts: the LoRA to save")
+    p.add_argument("--criterion", default=v.criterion, help="'reward' or a --judge family: what 'best' means")
+    p.add_argument("--diversity-floor", type=float, default=v.diversity_floor,
+                   help="best only if held-out pixel diversity >= this fraction of the base model's")
+    p.add_argument("--patience", type=int, default=v.patience, help="stop after N validations without a new best")
+
+
+def validator_from(args):
+    if not args.val_prompts:
+        return None
+    config = ValidationConfig(prompts=args.val_prompts, seeds=[FIRST_HELD_OUT_SEED + i for i in range(args.val_seeds)],
+                              every=args.val_every, criterion=args.criterion, diversity_floor=args.diversity_floor,
+                              patience=args.patience, keep_best=args.keep == "best")
+    return Validator(config, parse_judges(args.judge))
 
 
 def train(args):
-    from .backends.diffusers import TrainingBackend
     from .lora import load_kohya_file
 
     prompts = list(args.prompts or [])
@@ -83,20 +142,25 @@ def train(args):
             prompts += [line.strip() for line in f if line.strip()]
     config = TrainConfig(prompts=prompts, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                                              if f.name != "prompts"})
-    config.validate()
+    try:
+        config.validate()
+        validator = validator_from(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise SystemExit(f"{args.out} exists: pass --overwrite to replace it or --resume to continue")
-    backend = TrainingBackend.from_pipeline(load_pipeline(args.model, args.config, args.device))
+    backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
     log = open(log_path, "a" if args.resume else "w")
 
     def report(metrics, images):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+        held_out = "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
         print(f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  "
-              f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s", flush=True)
+              f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}", flush=True)
 
-    trainer = Trainer(backend, build_reward(args), config, [report], checkpoint_path=checkpoint)
+    trainer = Trainer(backend, build_reward(args), config, [report], checkpoint_path=checkpoint, validator=validator)
     if args.resume:
         trainer.load_checkpoint(checkpoint)
     elif args.init_lora:
@@ -111,17 +175,69 @@ def train(args):
     finally:
         log.close()
     trainer.save_lora(args.out, overwrite=True)
-    print(f"LoRA written to {args.out} (log {log_path}, checkpoint {checkpoint})")
+    kept = f" (the best validated LoRA, of step {trainer.kept_step})" if trainer.kept_step != trainer.step else ""
+    print(f"LoRA written to {args.out}{kept} (log {log_path}, checkpoint {checkpoint})")
+
+
+def sweep_parser(sub):
+    p = sub.add_parser("sweep", help="evaluate a LoRA at several strengths on held-out prompts and seeds",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--lora", required=True, help="kohya LoRA file")
+    p.add_argument("--out", required=True, help="folder for sweep.md, sweep.json and sweep.png")
+    p.add_argument("--prompts", nargs="+", required=True, help="held-out prompts")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--strengths", nargs="+", type=float, default=[0, 0.25, 0.5, 0.75, 1, 1.5])
+    p.add_argument("--seeds", type=int, default=4, help="samples per prompt")
+    p.add_argument("--first-seed", type=int, default=FIRST_HELD_OUT_SEED)
+    d = TrainConfig(prompts=[""])
+    p.add_argument("--sampling-steps", type=int, default=d.sampling_steps)
+    p.add_argument("--cfg", type=float, default=d.cfg)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--height", type=int, default=d.height)
+
+
+def sweep(args):
+    from PIL import Image
+
+    from .lora import load_kohya_file
+    from .plotting import image_grid
+    from .validation import scaled, strength_sweep, sweep_table
+
+    state_dict, _ = load_kohya_file(args.lora)
+    names = {k.rsplit(".", 2)[0] for k in state_dict if k.endswith(".lora_down.weight")}
+    rank = state_dict[next(iter(names)) + ".lora_down.weight"].shape[0]
+    resnets = any(n.endswith(("_conv1", "_conv2", "_in_layers_2", "_out_layers_3")) for n in names)
+    backend = load_backend(args)
+    loras = backend.add_loras(rank, resnets=resnets)
+    loras.load_kohya_state_dict(state_dict, args.lora)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    rows, images = strength_sweep(scaled(backend, loras, args.strengths), build_reward(args), args.prompts, seeds,
+                                  args.negative_prompt, args.cfg, args.sampling_steps, args.width, args.height,
+                                  parse_judges(args.judge))
+    os.makedirs(args.out, exist_ok=True)
+    table = sweep_table(rows)
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write(f"{args.lora}\n\n{table}\n")
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump({"lora": args.lora, "rows": rows, "args": vars(args)}, f, indent=1)
+    Image.fromarray(image_grid(images, len(images) // len(rows), max(1, 128 // args.width))).save(
+        os.path.join(args.out, "sweep.png"))
+    print(table)
+    print(f"wrote sweep.md, sweep.json and sweep.png (one row per strength) in {args.out}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m comfy_draft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub)
+    sweep_parser(sub)
     from . import demo
     demo.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args)
+    elif args.command == "sweep":
+        sweep(args)
     elif args.command == "demo":
         demo.run(args)

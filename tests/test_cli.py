@@ -40,3 +40,29 @@ def test_cli_trains_writes_lora_log_checkpoint_and_resumes(tmp_path):
     assert "step 3/3" in result.stdout and "step 1/" not in result.stdout
     assert len((tmp_path / "bright.jsonl").read_text().splitlines()) == 3
     assert load_kohya_file(out)[1]["comfy_draft_steps"] == "3"
+
+
+@pytest.mark.slow
+def test_cli_validation_keep_best_and_sweep_on_the_digit_model(tmp_path):
+    out = tmp_path / "digits.safetensors"
+    common = ["--model", "digits", "--reward", "digit", "--reward-text", "prompted", "--cfg", "1",
+              "--sampling-steps", "5", "--width", "16", "--height", "16"]
+    result = run_cli("train", *common, "--out", str(out), "--prompts", "a 1", "a 7", "--steps", "3",
+                     "--batch-size", "2", "--lr", "3e-3", "--val-prompts", "the digit one", "the digit seven",
+                     "--val-seeds", "3", "--val-every", "2", "--judge", "digit=judge_classifier,prompted",
+                     "--judge", "brightness", "--criterion", "digit")
+    log = [json.loads(line) for line in (tmp_path / "digits.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log if "val_digit" in m] == [2, 3]
+    assert {"val_reward", "val_brightness", "val_diversity", "val_feature_diversity"} <= set(log[-1])
+    assert "val_digit" in result.stdout and out.exists()
+    assert load_kohya_file(out)[1]["comfy_draft_validation"]
+
+    refused = run_cli("train", *common, "--out", str(tmp_path / "x.safetensors"), "--prompts", "a 1",
+                      "--val-prompts", "one", "--criterion", "nope", check=False)
+    assert refused.returncode and "criterion 'nope'" in refused.stderr
+
+    result = run_cli("sweep", *common, "--lora", str(out), "--out", str(tmp_path / "sweep"), "--prompts", "the digit one",
+                     "--strengths", "0", "1", "--seeds", "2", "--judge", "digit=judge_classifier,prompted")
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert [r["strength"] for r in rows] == [0.0, 1.0] and "digit" in rows[0]
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0 and "| strength |" in result.stdout
