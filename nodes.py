@@ -1,4 +1,5 @@
 """ComfyUI nodes: thin declarations that hand off to the comfy_draft library."""
+import logging
 import os
 
 import comfy.model_management
@@ -8,7 +9,7 @@ import folder_paths
 import latent_preview
 import torch
 
-from .comfy_draft import rewards
+from .comfy_draft import memory, rewards
 from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import load_kohya_file
 from .comfy_draft.plotting import curve_image, image_grid
@@ -273,6 +274,9 @@ class DRaFTTrainLoRA:
                          "kl_coef": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.01,
                                                "tooltip": "Regulariser against reward hacking: penalise the LoRA "
                                                           "model's noise prediction for straying from the base model's."}),
+                         "reward_resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                                                       "tooltip": "Decode for the reward at this size to save memory "
+                                                                  "(e.g. 256 for 224 px rewards); 0: full size."}),
                          "validation": ("DRAFT_VALIDATION", {"tooltip": "Held-out validation, keep-best and early "
                                                                         "stopping (DRaFT Validation node)."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -284,12 +288,12 @@ class DRaFTTrainLoRA:
 
     def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", kl_coef=0.0, validation=None, unique_id=None):
+              resume_lora="none", kl_coef=0.0, reward_resolution=0, validation=None, unique_id=None):
         config = TrainConfig(
             prompts=lines(prompts), negative_prompt=negative_prompt,
             variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
             cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
-            save_every=save_every, kl_coef=kl_coef)
+            save_every=save_every, kl_coef=kl_coef, reward_resolution=reward_resolution)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
@@ -298,6 +302,7 @@ class DRaFTTrainLoRA:
         validator = Validator(*validation) if validation is not None else None
         trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
                           [self.reporter(unique_id, training_steps)], checkpoint_path=state, validator=validator)
+        logging.info("DRaFT: %s", memory.describe(trainer.memory_estimate()))
         if resume_lora != "none":
             lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)

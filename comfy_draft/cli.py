@@ -104,7 +104,7 @@ def train_parser(sub):
     p.add_argument("--k", dest="grad_steps", type=int, default=TRAIN_DEFAULTS.grad_steps, help="draft-k: K")
     p.add_argument("--lv-samples", type=int, default=TRAIN_DEFAULTS.lv_samples, help="draft-lv: n")
     for name in ("steps", "sampling_steps", "width", "height", "batch_size", "accumulation", "rank", "seed",
-                 "save_every"):
+                 "save_every", "reward_resolution"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TRAIN_DEFAULTS, name))
     for name in ("cfg", "lr", "weight_decay", "max_grad_norm", "kl_coef"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TRAIN_DEFAULTS, name))
@@ -161,6 +161,11 @@ def train(args):
               f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}", flush=True)
 
     trainer = Trainer(backend, build_reward(args), config, [report], checkpoint_path=checkpoint, validator=validator)
+    from .memory import describe
+    try:
+        print(describe(trainer.memory_estimate()), flush=True)
+    except MemoryError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.resume:
         trainer.load_checkpoint(checkpoint)
     elif args.init_lora:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from . import memory
 from .lora import atomic_write, digest
 from .sampling import check_grad_steps, denoise_renoised, sample_ddim
 
@@ -49,6 +50,7 @@ class TrainConfig:
     kl_coef: float = 0.0         # DRaFT+ regulariser: coef * ||eps_LoRA - eps_base||^2 on differentiated steps
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
     checkpointing: bool = True   # recompute UNet steps and the VAE decoder in the backward pass
+    reward_resolution: int = 0   # decode for the reward at this size (latents resized first; 0: full size)
     seed: int = 0
     save_every: int = 0          # training checkpoint every N steps (0: only at the end)
 
@@ -61,6 +63,8 @@ class TrainConfig:
             check_grad_steps(self.grad_steps, self.sampling_steps)
             if self.grad_steps < 1:
                 raise ValueError("draft-k needs K >= 1")
+        if self.reward_resolution < 0:
+            raise ValueError(f"reward_resolution must be 0 (full size) or a size in pixels, got {self.reward_resolution}")
         for name in ("lv_samples", "steps", "sampling_steps", "batch_size", "accumulation", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -146,6 +150,8 @@ class Trainer:
         self.step = 0
         self.history = []
         self.reward.to(backend.device)
+        if self.dtype is not None:
+            self.reward.to(self.dtype)  # frozen: no float32 master copy needed, half the memory
 
     # ----- one step -----------------------------------------------------------------------------------
     def micro_batch(self, g):
@@ -157,8 +163,8 @@ class Trainer:
         def fn(model, x, sigmas):
             with self.autocast():
                 x0s, calls = differentiable_samples(model, x, sigmas, c, g)
-                images = [self.backend.decode(x0, c.checkpointing) for x0 in x0s]
-                rewards = torch.stack([self.reward(im.float(), prompts) for im in images])  # (n, B)
+                images = [self.backend.decode(self.for_reward(x0), c.checkpointing) for x0 in x0s]
+                rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)
                 penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
             # DRaFT-LV sums the n rewards; the batch (and accumulation) are averaged.
             loss = (-rewards.sum(0).mean() + c.kl_coef * penalty) / c.accumulation
@@ -169,6 +175,15 @@ class Trainer:
 
         self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps)
         return out
+
+    def for_reward(self, x0):
+        """x0, resized so that it decodes to `reward_resolution` pixels on its shorter side (if set)."""
+        size = self.config.reward_resolution
+        if not size or size >= min(self.config.width, self.config.height):
+            return x0
+        factor = size / min(self.config.width, self.config.height)
+        target = (max(1, round(x0.shape[-2] * factor)), max(1, round(x0.shape[-1] * factor)))
+        return torch.nn.functional.interpolate(x0, size=target, mode="bilinear", antialias=True, align_corners=False)
 
     def autocast(self):
         if self.dtype is None:
@@ -185,7 +200,11 @@ class Trainer:
         started = time.perf_counter()
         g = step_generator(c.seed, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        outs = [self.micro_batch(g) for _ in range(c.accumulation)]
+        try:
+            outs = [self.micro_batch(g) for _ in range(c.accumulation)]
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(f"{e}\n\nDRaFT ran out of device memory at step {self.step + 1} (batch "
+                                         f"{c.batch_size}, {c.width}x{c.height}); to fit: {memory.ADVICE}") from e
         rewards = torch.cat([o["rewards"].flatten() for o in outs])
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
@@ -231,6 +250,12 @@ class Trainer:
         if v is not None and v.restore_best(self.loras) is not None:
             self.kept_step = v.best["step"]
         return self.history
+
+    def memory_estimate(self):
+        """Estimated peak device memory of a step (see `memory`); raises MemoryError if it cannot fit."""
+        estimate = memory.estimate(self)
+        memory.check_fits(estimate, self.backend.device)
+        return estimate
 
     # ----- files --------------------------------------------------------------------------------------
     def lora_metadata(self):

@@ -106,8 +106,9 @@ class Validator:
         c = trainer.config
         images = held_out_images(trainer.backend, self.config.prompts, self.config.seeds, c.negative_prompt, c.cfg,
                                  c.sampling_steps, c.width, c.height)
-        return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.judges,
-                            feature_model_of(self.judges, trainer.reward), trainer.backend.device)
+        with trainer.autocast():  # the reward may be in half precision
+            return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.judges,
+                                feature_model_of(self.judges, trainer.reward), trainer.backend.device)
 
     def __call__(self, trainer):
         """Validate the trainer's current LoRA; returns the `val_*` metrics."""

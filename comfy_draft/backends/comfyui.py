@@ -181,6 +181,10 @@ class TrainingBackend(SamplingBackend):
             self.model.add_weight_wrapper(f"diffusion_model.{n}.weight", self.loras[names[n]])
         return self.loras
 
+    def modules(self):
+        """The modules whose weights sit on the device while training (for memory estimates)."""
+        return [self.model.model.diffusion_model, self.vae_model]
+
     def decode(self, x0, checkpoint=True):
         """Images (B, 3, H, W) in [0, 1], differentiable; the decoder is recomputed in backward."""
         self.vae_model.to(self.device)

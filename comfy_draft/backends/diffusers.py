@@ -117,6 +117,11 @@ class TrainingBackend:
             parametrize.register_parametrization(module, "weight", self.loras[kohya_name(name)])
         return self.loras
 
+    def modules(self):
+        """The modules whose weights sit on the device while training (for memory estimates)."""
+        extra = [self.encode_prompts] if isinstance(self.encode_prompts, torch.nn.Module) else []
+        return [m for m in (self.unet, self.vae, self.text_encoder, *extra) if m is not None]
+
     def encode(self, prompts):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
