@@ -121,13 +121,20 @@ def train_aesthetic():
             "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 2, "training_steps": 200,
             "sampling_steps": 50, "cfg": 7.5, "width": 512, "height": 512, "batch_size": 1, "learning_rate": 4e-4,
             "rank": 8, "seed": 0, "save_every": 50, "lora_name": "draft/aesthetic",
-            "resume_lora": "none", "kl_coef": 0.0}},
+            "resume_lora": "none", "kl_coef": 0.0, "reward_resolution": 256, "validation": ["11", 0]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
         **sampling_nodes(5, ["3", 0], ["1", 1], ["1", 2]),
+        "11": {"class_type": "DRaFTValidation", "inputs": {
+            "prompts": "a portrait of an old sailor\na mountain lake at sunrise", "seeds": 4, "first_seed": 1000000000,
+            "every": 25, "keep": "best", "criterion": "reward", "diversity_floor": 0.7, "patience": 0,
+            "judge_1": ["12", 0]}},
+        "12": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}},
     }
     positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (780, 60), "5": (780, 380), "6": (780, 560),
-                 "7": (780, 740), "8": (1140, 380), "9": (1500, 380), "10": (1500, 560)}
-    return prompt, positions
+                 "7": (780, 740), "8": (1140, 380), "9": (1500, 380), "10": (1500, 560), "11": (20, 460),
+                 "12": (20, 840)}
+    titles = {"12": "judge: watch saturation"}
+    return prompt, positions, titles
 
 
 def score_images():
@@ -169,8 +176,25 @@ def mix_loras():
     return prompt, positions, titles
 
 
+def strength_sweep():
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
+            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
+            "text": "", "maximize": True}},
+        "3": {"class_type": "DRaFTLoRAStrengthSweep", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_name": "draft/aesthetic_00001_.safetensors",
+            "reward": ["2", 0], "prompts": "a portrait of an old sailor\na mountain lake at sunrise",
+            "negative_prompt": "", "strengths": "0, 0.25, 0.5, 0.75, 1, 1.5", "seeds": 4, "first_seed": 1000000000,
+            "steps": 50, "cfg": 7.5, "width": 512, "height": 512}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
+    positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (800, 60)}
+    return prompt, positions
+
+
 EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "score_images.json": score_images,
-            "mix_two_loras.json": mix_loras}
+            "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep}
 
 
 def write_examples(classes, folder=REPO / "workflows"):
