@@ -20,7 +20,7 @@ def test_speed_benchmark_smallest_configuration(comfyui, tmp_path):
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
     speed.main(["--device", "cpu", "--size", "tiny", "--models", "sd15", "--variants", "draft-lv (n=2)",
-                "--steps", "2", "--resolution", "32", "--warmup", "0", "--repeats", "1",
+                "--steps", "2", "--resolution", "16", "--warmup", "0", "--repeats", "1",
                 "--out", str(tmp_path), "--name", "speed"])
 
     results = json.loads((tmp_path / "speed.json").read_text())

@@ -45,3 +45,36 @@ def test_training_example_runs_on_the_tiny_checkpoint(comfyui, tiny_sd15):
     assert outputs["4"]["images"] and outputs["10"]["images"]
     assert "reward" in outputs["3"]["text"][0]
     assert any(n.startswith("draft/aesthetic_") for n in comfyui.folder_paths.get_filename_list("loras"))
+
+
+@pytest.mark.slow
+def test_annealed_lora_strength_lies_between_base_and_full_strength(comfyui, tiny_sd15):
+    """The hook-keyframe workflow runs, and its samples differ from both the base model's and the LoRA's."""
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    import comfy.sd
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "draft"
+    loras.save(folder / "annealed.safetensors", overwrite=True)
+
+    def latent(start, end):
+        prompt = ui_to_api(load("anneal_lora_strength.json"), comfyui.nodes.NODE_CLASS_MAPPINGS)
+        prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
+        prompt["2"]["inputs"]["lora_name"] = "draft/annealed.safetensors"
+        prompt["3"]["inputs"].update(strength_start=start, strength_end=end)
+        prompt["7"]["inputs"].update(width=64, height=64)
+        prompt["8"]["inputs"]["steps"] = 5
+        prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"anneal_{start}_{end}"}}
+        (saved,) = comfyui.run(prompt)["outputs"]["99"]["latents"]
+        from safetensors.torch import load_file
+        return load_file(comfyui.output_path(saved))["latent_tensor"]
+
+    base, full, annealed = latent(0.0, 0.0), latent(1.0, 1.0), latent(0.0, 1.0)
+    assert (full - base).abs().max() > 1e-3
+    assert (annealed - base).abs().max() > 1e-4 and (annealed - full).abs().max() > 1e-4

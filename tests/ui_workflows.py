@@ -193,7 +193,30 @@ def strength_sweep():
     return prompt, positions
 
 
-EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "score_images.json": score_images,
+def anneal_lora_strength():
+    """Inference-time interpolation from the base model to the fine-tuned one over the sampling steps:
+    the LoRA as a ComfyUI hook whose strength follows keyframes from 0 (first step) to 1 (last)."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CreateHookLoraModelOnly", "inputs": {
+            "lora_name": "draft/aesthetic_00001_.safetensors", "strength_model": 1.0}},
+        "3": {"class_type": "CreateHookKeyframesInterpolated", "inputs": {
+            "strength_start": 0.0, "strength_end": 1.0, "interpolation": "linear", "start_percent": 0.0,
+            "end_percent": 1.0, "keyframes_count": 5, "print_keyframes": False}},
+        "4": {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["2", 0], "hook_kf": ["3", 0]}},
+        **sampling_nodes(5, ["1", 0], ["1", 1], ["1", 2]),
+        "11": {"class_type": "PairConditioningSetProperties", "inputs": {
+            "positive_NEW": ["5", 0], "negative_NEW": ["6", 0], "strength": 1.0, "set_cond_area": "default",
+            "hooks": ["4", 0]}},
+    }
+    prompt["8"]["inputs"].update(positive=["11", 0], negative=["11", 1])
+    positions = {"1": (20, 60), "2": (20, 260), "3": (20, 400), "4": (400, 300), "5": (400, 60), "6": (400, 480),
+                 "7": (400, 660), "11": (760, 300), "8": (1100, 60), "9": (1460, 60), "10": (1460, 240)}
+    titles = {"3": "LoRA strength 0 -> 1 over the steps"}
+    return prompt, positions, titles
+
+
+EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength, "score_images.json": score_images,
             "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep}
 
 
