@@ -50,9 +50,9 @@ def test_training_example_runs_on_the_tiny_checkpoint(comfyui, tiny_sd15):
 @pytest.mark.slow
 def test_annealed_lora_strength_lies_between_base_and_full_strength(comfyui, tiny_sd15):
     """The hook-keyframe workflow runs, and its samples differ from both the base model's and the LoRA's."""
-    from comfy_draft.backends.comfyui import TrainingBackend
-
     import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
