@@ -6,13 +6,13 @@ to a diversity floor. Every LoRA (kept and last) is then tested on a third, unto
 wording, new seeds) by the judge classifier, which was trained on digits neither the diffusion model nor
 the reward classifier saw:
 
-  alignment    reward log p(prompted digit) at cfg 1 (no guidance, where the base model is imperfect);
+  alignment    reward log p(prompted digit) at cfg 0.5 (weak guidance: the base model is often wrong);
                judge accuracy on the prompted digit and same-prompt diversity relative to the base model.
   adversarial  prompts ask for a 3, reward log p(8); the judge's reading of an 8, and its confidence that
                the sample is a digit at all (the share of samples whose top class probability >= THRESHOLD).
 
 Writes hacking.json and hacking.md to --out (bench/results/).
-Run: .venv/bin/python bench/hacking.py [--steps 150] [--kl-coef 0.3]
+Run: .venv/bin/python bench/hacking.py [--steps 150] [--kl-coef 0.3 3]
 """
 import argparse
 import json
@@ -28,10 +28,10 @@ from comfy_draft.validation import ValidationConfig, Validator, held_out_images,
 THRESHOLD = 0.9  # judge top-class probability above which a sample counts as "confidently a digit"
 
 
-def settings(name):
+def settings(name, alignment_cfg):
     if name == "alignment":
         return dict(train=[f"a {d}" for d in range(10)], validation=[f"the digit {w}" for w in digits.WORDS],
-                    test=[str(d) for d in range(10)], target=None, cfg=1.0)
+                    test=[str(d) for d in range(10)], target=None, cfg=alignment_cfg)
     return dict(train=["a 3"], validation=["the digit three"], test=["3", "three"], target=8, cfg=3.0)
 
 
@@ -55,7 +55,7 @@ def test_scores(backend, setting, judge, base_scores=None, seeds=range(20_000, 2
 
 
 def run(setting_name, kl_coef, args, judge):
-    setting = settings(setting_name)
+    setting = settings(setting_name, args.alignment_cfg)
     backend = digits.load_backend()
     reward = digits.DigitReward(digits.load_classifier("reward_classifier"), setting["target"])
     config = TrainConfig(prompts=setting["train"], variant="draft-lv", steps=args.steps, lr=args.lr, cfg=setting["cfg"],
@@ -105,8 +105,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--settings", nargs="+", default=["alignment", "adversarial"])
-    p.add_argument("--kl-coef", type=float, default=0.3)
+    p.add_argument("--kl-coef", type=float, nargs="+", default=[0.3], help="regularised runs (one plain run is added)")
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--alignment-cfg", type=float, default=0.5, help="guidance where the base model is imperfect")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--val-seeds", type=int, default=8)
@@ -117,7 +118,7 @@ def main(argv=None):
     judge = digits.load_classifier("judge_classifier")
     results = []
     for setting in args.settings:
-        for kl_coef in (args.kl_coef, 0.0):
+        for kl_coef in [*args.kl_coef, 0.0]:
             print(f"{setting}, kl_coef {kl_coef} ...", flush=True)
             results.append(run(setting, kl_coef, args, judge))
             r = results[-1]

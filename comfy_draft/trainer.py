@@ -260,12 +260,13 @@ class Trainer:
     # ----- files --------------------------------------------------------------------------------------
     def lora_metadata(self):
         c = self.config
-        return {"ss_base_model_version": self.backend.base_model_version, "comfy_draft_reward": self.reward.name,
+        meta = {"ss_base_model_version": self.backend.base_model_version, "comfy_draft_reward": self.reward.name,
                 "comfy_draft_variant": c.variant, "comfy_draft_steps": str(self.step if self.kept_step is None else self.kept_step),
-                "comfy_draft_prompts_sha256": digest(c.prompts), "comfy_draft_config": dataclasses.asdict(c),
-                **({"comfy_draft_validation": {"config": dataclasses.asdict(self.validator.config),
-                                               "best": {k: v for k, v in self.validator.best.items() if k != "lora"}}}
-                   if self.validator is not None and self.validator.best else {})}
+                "comfy_draft_prompts_sha256": digest(c.prompts), "comfy_draft_config": dataclasses.asdict(c)}
+        if self.validator is not None and self.validator.best:
+            best = {k: v for k, v in self.validator.best.items() if k != "lora"}
+            meta["comfy_draft_validation"] = {"config": dataclasses.asdict(self.validator.config), "best": best}
+        return meta
 
     def save_lora(self, path, overwrite=False):
         return self.loras.save(path, self.lora_metadata(), overwrite)

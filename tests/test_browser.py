@@ -65,14 +65,15 @@ def test_trainer_chart_updates_during_a_run(page, comfy_server, tiny_sd15, comfy
     page.evaluate("app.refreshComboInNodes && app.refreshComboInNodes()")
 
     classes = comfyui.nodes.NODE_CLASS_MAPPINGS
-    prompt, positions = EXAMPLES["train_aesthetic_lora_draft_lv.json"]()
+    prompt, positions, titles = EXAMPLES["train_aesthetic_lora_draft_lv.json"]()
     prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
     prompt["3"]["inputs"].update(training_steps=6, sampling_steps=4, width=64, height=64, save_every=0,
                                  lora_name="draft/browser")
     prompt["7"]["inputs"].update(width=64, height=64)
     prompt["8"]["inputs"]["steps"] = 4
-    load_workflow(page, api_to_ui(prompt, classes, positions))
-    assert ui_to_api(api_to_ui(prompt, classes, positions), classes) == json.loads(json.dumps(prompt))
+    prompt["11"]["inputs"].update(every=3, seeds=2)
+    load_workflow(page, api_to_ui(prompt, classes, positions, titles))
+    assert ui_to_api(api_to_ui(prompt, classes, positions, titles), classes) == json.loads(json.dumps(prompt))
     page.evaluate("app.canvas.ds.offset = [-330, 0]; app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true)")
     page.evaluate("app.queuePrompt(0, 1)")
 
@@ -88,6 +89,8 @@ def test_trainer_chart_updates_during_a_run(page, comfy_server, tiny_sd15, comfy
     assert any(0 < n < 6 for n in seen)  # it updated while training ran, not only at the end
     steps = page.evaluate("app.graph.getNodeById(3).draftHistory.map((m) => m.step)")
     assert steps == [1, 2, 3, 4, 5, 6]
+    validated = page.evaluate("app.graph.getNodeById(3).draftHistory.filter((m) => 'val_reward' in m).map((m) => m.step)")
+    assert validated == [3, 6]  # held-out validation points on the chart
     page.wait_for_timeout(500)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "trainer_chart.png"))
