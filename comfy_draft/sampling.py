@@ -12,15 +12,16 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
-def ddim_step(x, denoised, sigma, sigma_next):
+def ddim_step(x, denoised, sigma, sigma_next, final=False):
     """One DDIM (eta = 0) step: keep the predicted noise, move to `sigma_next`.
 
     x_next = denoised + sigma_next * (x - denoised) / sigma, equal to DDPM-space DDIM
     `x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps` after dividing by sqrt(a_prev). Written in the
-    Euler form that ComfyUI's "ddim" sampler evaluates, so both round alike. At `sigma_next = 0` it
-    returns `denoised` itself, so the last step carries the model's gradient.
+    Euler form that ComfyUI's "ddim" sampler evaluates, so both round alike. The `final` step (to
+    sigma 0) returns `denoised` itself, so the last step carries the model's gradient. (`final` is a
+    Python bool, so that no step waits for the GPU to compare sigmas.)
     """
-    if sigma_next == 0:
+    if final:
         return denoised
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
@@ -47,6 +48,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     steps = len(sigmas) - 1
     check_grad_steps(grad_steps, steps)
     first_grad_step = steps - grad_steps
+    final = (sigmas[1:] == 0).tolist()
 
     for i in range(steps):
         differentiated = i >= first_grad_step and torch.is_grad_enabled()
@@ -54,7 +56,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
             x = x.detach()  # DRaFT-K's stop-gradient at the truncation boundary
         with torch.set_grad_enabled(differentiated):
             denoised = denoise(model, x, sigmas[i], extra_args, checkpoint and differentiated)
-            x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
+            x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1], final[i])
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = x_next

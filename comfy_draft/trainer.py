@@ -234,7 +234,7 @@ class Trainer:
         try:
             if v is not None and not v.history:
                 self.validate()  # the starting point (and the base model's diversity)
-            while self.step < self.config.steps and not (v is not None and v.should_stop(self.step)):
+            while self.step < self.config.steps and not (v is not None and v.should_stop()):
                 metrics, images = self.train_step()
                 if v is not None and v.due(self.step, self.config.steps):
                     metrics.update(self.validate())

@@ -136,7 +136,7 @@ class Validator:
     def due(self, step, last_step):
         return step % self.config.every == 0 or step == last_step
 
-    def should_stop(self, step):
+    def should_stop(self):
         """True when `patience` validations have passed since the best one."""
         if not self.config.patience or self.best is None:
             return False

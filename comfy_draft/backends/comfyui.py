@@ -158,7 +158,9 @@ class TrainingBackend(SamplingBackend):
         with torch.inference_mode(False):
             model = model.clone(force_deepcopy=True)
             model.model.requires_grad_(False)
-            self.vae_model = copy.deepcopy(vae.first_stage_model).requires_grad_(False).eval()
+            vae_model = vae.first_stage_model  # copied without its encoder, which training never runs
+            self.vae_model = copy.deepcopy(vae_model, {id(getattr(vae_model, "encoder", None)): None})
+            self.vae_model.requires_grad_(False).eval()
         super().__init__(model, clip, vae)
         self.vae_dtype = vae.vae_dtype
         self.base_model_version = base_model_version(self.model)

@@ -1,0 +1,619 @@
+"""Speed and memory of one DRaFT training step through ComfyUI (issue 7).
+
+Builds SD1.5-, SDXL- and (optionally) SD2-architecture checkpoints with random weights (no download:
+ComfyUI's own model classes give every tensor name and shape, seeded noise fills them), loads them with
+ComfyUI's checkpoint loader, and builds the LAION aesthetic reward (CLIP ViT-L/14 + MLP) at its real
+size with random weights. Per model it measures:
+
+- No-grad sampling: ComfyUI's KSampler (ddim, ddim_uniform), the library's DDIM
+  (`backends.comfyui.sample`, the DRaFT DDIM Sampler node) on the same ModelPatcher, and the same chain
+  as training runs it (the trainer's LoRA-wrapped model copy, training precision), interleaved;
+  ratios = KSampler time / ours.
+- For draft-lv (n = 2), draft-k (K = 1, 5) and full draft: the real `Trainer.train_step` (median of
+  `--repeats` after `--warmup`), split into phases by wrapping the model, decoder and reward, and its
+  peak device memory. After each step, the unavoidable parts are timed alone with the trainer's own
+  pieces and without checkpointing: the no-grad guided UNet calls (`sample_ddim`), forward + backward
+  of one differentiated guided call, VAE decode forward + backward, reward forward + backward, the
+  optimizer step. Overhead ratio = step time / sum of the parts the variant needs, so recomputation
+  in the backward pass counts as overhead.
+
+`--size real` (default on CUDA) uses the real architectures at 512 (SD1.5), 768 (SD2, v-prediction) and
+1024 (SDXL); `--size tiny` (default on CPU) uses the test suite's tiny SD1.5-architecture checkpoint
+(SD1.5's UNet widths with one level, full CLIP-L and SD VAE) at 64 x 64 with a small CLIP aesthetic
+reward, so that a CPU can run the whole benchmark in minutes; its figures only show that it runs.
+Configurations that run out of device memory are recorded as "OOM". Results go to <out>/<name>.json
+and <name>.md (name: speed on CUDA, speed_cpu otherwise), rewritten after every configuration.
+
+Run: .venv/bin/python bench/speed.py                       # CUDA: SD1.5 and SDXL at real size
+     .venv/bin/python bench/speed.py --models sd15 sdxl sd2  # with SD2 768-v
+     .venv/bin/python bench/speed.py --threads 1             # CPU, tiny (1 thread: steadier when shared)
+"""
+import argparse
+import collections
+import contextlib
+import gc
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMFY_DIR = pathlib.Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "comfyui" / "ComfyUI"))
+CACHE = REPO / ".cache" / "bench"
+sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny checkpoint the tests use (and cache)
+
+PROMPTS = ["a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photograph"]
+SEED = 0
+CFG = 7.5
+VARIANTS = {
+    "draft-lv (n=2)": dict(variant="draft-lv", lv_samples=2),
+    "draft-k (K=1)": dict(variant="draft-k", grad_steps=1),
+    "draft-k (K=5)": dict(variant="draft-k", grad_steps=5),
+    "draft (full)": dict(variant="draft"),
+}
+RESOLUTION = {"real": {"sd15": 512, "sd2": 768, "sdxl": 1024}, "tiny": {"sd15": 64}}
+
+# Full UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py); the
+# supported_models class named alongside matches them to SD1.5, SD2.x and SDXL.
+_SD_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                use_spatial_transformer=True, legacy=False, adm_in_channels=None, use_temporal_attention=False,
+                use_temporal_resblock=False, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+ARCHITECTURES = {
+    "sd15": ("SD15", dict(_SD_UNET, context_dim=768, num_heads=8, use_linear_in_transformer=False)),
+    "sd2": ("SD20", dict(_SD_UNET, context_dim=1024, num_head_channels=64, use_linear_in_transformer=True)),
+    "sdxl": ("SDXL", dict(_SD_UNET, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
+                          channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                          transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], context_dim=2048,
+                          num_head_channels=64, use_linear_in_transformer=True)),
+}
+# ComfyUI tells SD2 v-prediction (768-v) from eps (512-base) by the spread of this bias (supported_models.SD20).
+SD2_V_PRED_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+# CLIP towers of the aesthetic reward as open_clip configs: OpenAI ViT-L/14 (what the LAION predictor
+# was trained on, QuickGELU, 224 px) and, for CPU runs, a small ViT.
+REWARD_CLIP = {
+    "real": dict(embed_dim=768, vision_cfg=dict(layers=24, width=1024, head_width=64, patch_size=14, image_size=224),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)),
+    "tiny": dict(embed_dim=32, vision_cfg=dict(layers=2, width=128, patch_size=8, image_size=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)),
+}
+
+
+# ----- setup ----------------------------------------------------------------------------------------
+def boot_comfyui(device):
+    """Import ComfyUI as a library, its command line parsed as `main.py [--cpu]` would (once per process;
+    the tests boot it themselves)."""
+    if "comfy.cli_args" in sys.modules:
+        return
+    if not (COMFY_DIR / "comfy").is_dir():
+        raise SystemExit(f"no ComfyUI at {COMFY_DIR}: run scripts/bootstrap.sh (or set COMFYUI_DIR)")
+    sys.path.insert(0, str(COMFY_DIR))
+    argv, sys.argv = sys.argv, ["main.py", "--disable-api-nodes"] + (["--cpu"] if device.type == "cpu" else [])
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # parses sys.argv, once
+    finally:
+        sys.argv = argv
+
+
+def random_tensor(name, like, generator):
+    """Seeded noise scaled like tests/tiny_models.reinit_ (unit-variance activations at any depth, so
+    nothing overflows in fp16): weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.02^2), norm scales 1."""
+    if like.device.type != "meta":  # real buffers such as CLIP's position ids
+        return like
+    if like.ndim > 1:
+        std = like[0].numel() ** -0.5
+    elif name.endswith("bias"):
+        std = 0.02
+    else:
+        return torch.ones(like.shape, dtype=torch.float16)
+    return (torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float16) * std).cpu()
+
+
+def random_checkpoint(name, device):
+    """A cached single-file checkpoint of architecture `name` with random weights, in exactly the layout
+    ComfyUI saves (BaseModel.state_dict_for_saving), so its loader detects the real model."""
+    path = CACHE / f"{name}_random.safetensors"
+    if path.exists():
+        return path
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+    from tiny_models import SD_VAE
+
+    class_name, unet = ARCHITECTURES[name]
+    config = getattr(comfy.supported_models, class_name)(dict(unet))
+    with torch.device("meta"):  # names and shapes only
+        model = config.get_model({}, device="meta")
+        clip = config.clip_target().clip(device="meta")
+        vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
+    shapes = model.state_dict_for_saving(model.diffusion_model.state_dict(), clip.state_dict(), vae.state_dict())
+    print(f"  writing {path.name} ({sum(v.numel() for v in shapes.values()) / 1e9:.2f}B parameters, random)", flush=True)
+    # Noise on the GPU when there is one: much faster for SDXL's 3.5B weights.
+    generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(SEED)
+    sd = {k: random_tensor(k, v, generator).contiguous() for k, v in shapes.items()}
+    if name == "sd2":  # SD2.x 768-v: v-prediction
+        sd[SD2_V_PRED_KEY] *= 10
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_models(name, size, device):
+    """MODEL, CLIP, VAE as ComfyUI's CheckpointLoaderSimple makes them (inside inference mode)."""
+    import comfy.sd
+    if size == "tiny":
+        from tiny_models import tiny_sd15_checkpoint
+        path = tiny_sd15_checkpoint(seed=0)
+    else:
+        path = random_checkpoint(name, device)
+    with torch.inference_mode():
+        return comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+
+
+def aesthetic_reward(size):
+    """The LAION aesthetic reward as `rewards.load_aesthetic` builds it (open_clip CLIP, text tower included,
+    + the predictor's MLP), with random weights instead of the published files."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from comfy_draft.rewards.base import frozen
+    from comfy_draft.rewards.clip import AestheticMLP, AestheticReward, OpenClipTowers
+    cfg = REWARD_CLIP[size]
+    torch.manual_seed(SEED)
+    clip = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)
+    mlp = AestheticMLP([cfg["embed_dim"], 1024, 128, 64, 16, 1])
+    return frozen(AestheticReward(OpenClipTowers(clip, cfg["vision_cfg"]["image_size"]), mlp))
+
+
+# ----- timing ---------------------------------------------------------------------------------------
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    started = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def release():
+    """Give back everything ComfyUI and the allocator hold, between configurations."""
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class PhaseClock:
+    """Wall time per phase of a step. The device is synchronised only when the phase changes (a few
+    times per step), so the clock barely slows the step it measures."""
+
+    def __init__(self, device):
+        self.device = device
+        self.phase = None
+
+    def enter(self, phase):
+        if phase == self.phase:
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self.phase is not None:
+            self.totals[self.phase] += now - self.since
+        self.phase, self.since = phase, now
+
+    def measure(self, fn):
+        self.totals = collections.defaultdict(float)
+        self.enter("setup")
+        fn()
+        self.enter(None)
+        return dict(self.totals)
+
+
+@contextlib.contextmanager
+def instrumented(trainer, clock):
+    """Wrap the trainer's guided model, decoder and reward so that `clock` sees the phases of its steps:
+    setup (prompts, noise, ComfyUI's sampling setup) -> sampling (no-grad calls) -> differentiated
+    (forward of the differentiated calls) -> decode -> reward -> backward (including the recomputation of
+    checkpointed calls) -> other (ComfyUI's cleanup) -> optimizer (clipping, AdamW, metrics)."""
+    backend, run, decode, reward = trainer.backend, trainer.backend.run, trainer.backend.decode, trainer.reward
+
+    def timed_run(fn, *args):
+        def timed_fn(model, x, sigmas):
+            def timed_model(x, sigma, **kwargs):
+                if clock.phase != "backward":  # calls during backward are checkpoint recomputation
+                    clock.enter("differentiated" if torch.is_grad_enabled() else "sampling")
+                return model(x, sigma, **kwargs)
+            out = fn(timed_model, x, sigmas)
+            clock.enter("other")
+            return out
+        out = run(timed_fn, *args)
+        clock.enter("optimizer")
+        return out
+
+    def timed_decode(x0, checkpoint=True):
+        clock.enter("decode")
+        return decode(x0, checkpoint)
+
+    def timed_reward(images, prompts):
+        clock.enter("reward")
+        scores = reward(images, prompts)
+        clock.enter("backward")  # the trainer forms the loss and backpropagates next
+        return scores
+
+    backend.run, backend.decode, trainer.reward = timed_run, timed_decode, timed_reward
+    try:
+        yield
+    finally:
+        del backend.run, backend.decode  # back to the class's methods
+        trainer.reward = reward
+
+
+# ----- measurements ---------------------------------------------------------------------------------
+def compare_sampling(model, clip, vae, reward, res, args, device):
+    """ComfyUI's KSampler (ddim / ddim_uniform) vs the library's no-grad DDIM on the same ModelPatcher, both
+    as a node runs them (inference mode, noise drawn from the seed), and vs the no-grad chain as training runs
+    it (the trainer's LoRA-wrapped model copy, training precision): interleaved, in alternating order."""
+    import comfy.sample
+
+    from comfy_draft.backends import comfyui as ours
+    from comfy_draft.backends.comfyui import TrainingBackend
+    from comfy_draft.sampling import sample_ddim
+    from comfy_draft.trainer import Trainer
+
+    latent_format = model.get_model_object("latent_format")
+    f = latent_format.spacial_downscale_ratio
+    latent = torch.zeros(args.batch_size, latent_format.latent_channels, res // f, res // f)  # EmptyLatentImage
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPTS[0]))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    trainer = Trainer(TrainingBackend(model, clip, vae), reward, train_config("draft-lv (n=2)", res, args))
+    outputs = {}
+
+    def ksampler():
+        with torch.inference_mode():
+            noise = comfy.sample.prepare_noise(latent, SEED)
+            outputs["ksampler"] = comfy.sample.sample(model, noise, args.steps, CFG, "ddim", "ddim_uniform", positive,
+                                                      negative, latent, disable_pbar=True, seed=SEED)
+
+    def library():
+        with torch.inference_mode():
+            outputs["ours"] = ours.sample(model, positive, negative, {"samples": latent}, SEED, args.steps, CFG)
+
+    def training_chain():
+        def chain(model, x, sigmas):
+            with torch.no_grad(), trainer.autocast():
+                return sample_ddim(model, x, sigmas)
+        trainer.backend.run(chain, [PROMPTS[0]] * args.batch_size, "", CFG, torch.randn(latent.shape), args.steps)
+
+    times = {"ksampler": [], "ours": [], "training_chain": []}
+    runs = [("ksampler", ksampler), ("ours", library), ("training_chain", training_chain)]
+    for i in range(args.sampling_repeats + 1):  # round 0 warms up (model loading, kernel selection)
+        for name, fn in runs if i % 2 else runs[::-1]:
+            seconds = timed(fn, device)
+            if i:
+                times[name].append(seconds)
+    k, o, t = (statistics.median(times[name]) for name in ("ksampler", "ours", "training_chain"))
+    return {"ksampler_s": k, "ours_s": o, "ratio": k / o, "training_chain_s": t, "ratio_training_chain": k / t,
+            "runs_s": times,
+            "max_abs_diff": (outputs["ksampler"].float().cpu() - outputs["ours"].float().cpu()).abs().max().item()}
+
+
+def train_config(variant, res, args):
+    from comfy_draft.trainer import TrainConfig
+    return TrainConfig(prompts=PROMPTS, sampling_steps=args.steps, cfg=CFG, width=res, height=res,
+                       batch_size=args.batch_size, checkpointing=not args.no_checkpointing, steps=10 ** 9, seed=SEED,
+                       **VARIANTS[variant])
+
+
+def unit_round(trainer, args, device):
+    """One timing of each unavoidable part, alone, with the trainer's own pieces (its LoRA-wrapped model
+    copy in ComfyUI's guider, autocast, decoder, reward, optimizer) and without checkpointing: the no-grad
+    chain of T guided calls (`sample_ddim`), forward + backward of one differentiated guided call, VAE
+    decode forward + backward, reward forward + backward, optimizer step. Returns T and the seconds."""
+    from comfy_draft.sampling import denoise, sample_ddim
+
+    backend, c = trainer.backend, trainer.config
+    prompts = (c.prompts * c.batch_size)[:c.batch_size]
+    shape = backend.latent_shape(c.batch_size, c.height, c.width)
+    seconds = {}
+
+    def guided_calls(model, x, sigmas):
+        seconds["T"] = len(sigmas) - 1
+        x = x.detach().requires_grad_()  # as inside a differentiated chain (K > 1)
+
+        def chain():
+            with torch.no_grad(), trainer.autocast():
+                sample_ddim(model, x, sigmas)
+
+        def differentiated_call():
+            with trainer.autocast():
+                prediction = denoise(model, x, sigmas[-2], {})
+            prediction.backward(torch.randn_like(prediction))
+
+        seconds["sampling_chain"] = timed(chain, device)
+        seconds["differentiated_call"] = timed(differentiated_call, device)
+        return x.detach()
+
+    def decode():
+        z = torch.randn(shape, device=device, requires_grad=True)
+        with trainer.autocast():
+            images = backend.decode(z, checkpoint=False)
+        images.backward(torch.randn_like(images))
+
+    def score():
+        images = torch.rand(c.batch_size, 3, c.height, c.width, device=device, requires_grad=True)
+        with trainer.autocast():
+            scores = trainer.reward(images, prompts)
+        scores.sum().backward()
+
+    def optimizer():
+        torch.nn.utils.clip_grad_norm_(trainer.params, c.max_grad_norm)
+        trainer.optimizer.step()
+
+    backend.run(guided_calls, prompts, c.negative_prompt, c.cfg, torch.randn(shape), c.sampling_steps)
+    for name, fn in (("decode", decode), ("reward", score), ("optimizer", optimizer)):
+        seconds[name] = timed(fn, device)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return seconds.pop("T"), seconds
+
+
+def unavoidable(variant, T, units):
+    """The parts a step of `variant` cannot avoid, in seconds, from the unit costs."""
+    v = VARIANTS[variant]
+    n = v.get("lv_samples", 1)
+    differentiated = {"draft-lv": n, "draft-k": v.get("grad_steps"), "draft": T}[v["variant"]]
+    no_grad = T if v["variant"] == "draft-lv" else T - differentiated
+    return {"sampling": no_grad * units["sampling_chain"] / T, "differentiated": differentiated * units["differentiated_call"],
+            "decode": n * units["decode"], "reward": n * units["reward"], "optimizer": units["optimizer"]}
+
+
+def measure_variant(model, clip, vae, reward, variant, res, args, device):
+    """The real Trainer's steps (median time, median per phase, peak device memory), each followed by one
+    round of the unavoidable parts, so that both see the same machine (clocks, other load)."""
+    from comfy_draft.backends.comfyui import TrainingBackend
+    from comfy_draft.trainer import Trainer
+
+    config = train_config(variant, res, args)
+    backend = TrainingBackend(model, clip, vae)
+    trainer = Trainer(backend, reward, config)
+    backend.encode(config.prompts + [config.negative_prompt])  # cached for the run, as after a node's first step
+    release()  # the text encoder and the KSampler's model leave the device; the training copy loads on step 1
+    for _ in range(args.warmup):
+        trainer.train_step()
+        unit_round(trainer, args, device)
+    clock = PhaseClock(device)
+    steps, peaks, units = [], [], collections.defaultdict(list)
+    for _ in range(args.repeats):
+        if device.type == "cuda":  # the peak of the step alone: the unit timings run without checkpointing
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+        with instrumented(trainer, clock):
+            steps.append(clock.measure(trainer.train_step))
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device))
+        T, seconds = unit_round(trainer, args, device)
+        for name, value in seconds.items():
+            units[name].append(value)
+    units = {name: statistics.median(values) for name, values in units.items()}
+    parts = unavoidable(variant, T, units)
+    totals = [sum(s.values()) for s in steps]
+    result = {"sampling_steps": T, "step_s": statistics.median(totals), "steps_s": totals,
+              "phases_s": {p: statistics.median([s.get(p, 0.0) for s in steps]) for p in steps[0]},
+              "units_s": units, "unavoidable_s": parts, "unavoidable_total_s": sum(parts.values()),
+              "overhead_ratio": statistics.median(totals) / sum(parts.values())}
+    if device.type == "cuda":  # GB = 10^9 bytes, the unit of the issue's targets
+        result["peak_gb"] = max(peaks) / 1e9
+        result["resident_gb"] = resident / 1e9  # weights, LoRA and optimizer state before a step
+    return result
+
+
+def guarded(fn, *args):
+    """fn(*args), or "OOM" when the device runs out of memory (the frames holding its tensors are gone
+    once this returns, so the next configuration starts clean)."""
+    try:
+        return fn(*args)
+    except torch.OutOfMemoryError:
+        return "OOM"
+    finally:
+        release()
+
+
+def benchmark_model(name, args, device, reward, results, write):
+    res = args.resolution or RESOLUTION[args.size][name]
+    entry = results["models"][name] = {"resolution": res, "batch_size": args.batch_size, "cfg": CFG}
+    print(f"{name}: loading ({args.size}, {res}x{res})", flush=True)
+    model, clip, vae = load_models(name, args.size, device)
+    entry["unet_dtype"] = str(model.model_dtype()).replace("torch.", "")
+    entry["unet_parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
+
+    print(f"{name}: KSampler vs library DDIM, {args.steps} steps", flush=True)
+    entry["sampling"] = s = guarded(compare_sampling, model, clip, vae, reward, res, args, device)
+    if s != "OOM":
+        print(f"  KSampler {s['ksampler_s']:.3f}s, ours {s['ours_s']:.3f}s, ratio {s['ratio']:.3f} (max |diff| "
+              f"{s['max_abs_diff']:.1e}); training chain {s['training_chain_s']:.3f}s, ratio {s['ratio_training_chain']:.3f}",
+              flush=True)
+    write()
+
+    entry["variants"] = {}
+    for variant in args.variants:
+        print(f"{name}: {variant}", flush=True)
+        r = entry["variants"][variant] = guarded(measure_variant, model, clip, vae, reward, variant, res, args, device)
+        print("  " + ("OOM" if r == "OOM" else f"step {r['step_s']:.3f}s, unavoidable {r['unavoidable_total_s']:.3f}s, "
+                      f"overhead ratio {r['overhead_ratio']:.3f}" + (f", peak {r['peak_gb']:.2f} GB" if "peak_gb" in r else "")),
+              flush=True)
+        write()
+    del model, clip, vae
+    release()
+
+
+# ----- report ---------------------------------------------------------------------------------------
+def fmt(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(results):
+    env = results["env"]
+    args = results["args"]
+    cpu = env["device"] == "cpu"
+    lines = [f"# DRaFT step speed and memory ({'CPU, tiny models' if args['size'] == 'tiny' else 'real sizes'})", "",
+             f"Device: {env['device_name']}; torch {env['torch']}; ComfyUI {env['comfyui']}; "
+             f"{args['steps']} DDIM steps (ddim_uniform), cfg {CFG}, batch {args['batch_size']}, LoRA rank 8 on "
+             f"attention, precision auto, checkpointing {'off' if args['no_checkpointing'] else 'on'}; "
+             f"{args['warmup']} warm-up + {args['repeats']} measured steps (medians). Reward: LAION aesthetic on "
+             + ("CLIP ViT-L/14 (random weights)." if args["size"] == "real" else "a small CLIP ViT (random weights)."),
+             ""]
+    if args["size"] == "tiny":
+        lines += ["Tiny models on the CPU: these figures show that the benchmark runs; the targets of issue 7 "
+                  "are about real sizes on a GPU.", ""]
+    for name, m in results["models"].items():
+        lines += [f"## {name}, {m['resolution']}x{m['resolution']} ({m['unet_parameters'] / 1e6:.0f}M-parameter UNet, "
+                  f"{m['unet_dtype']} weights)", ""]
+        measured = {v: r for v, r in m.get("variants", {}).items() if r != "OOM"}
+        s = m.get("sampling")
+        if s == "OOM":
+            lines += ["KSampler comparison: OOM", ""]
+        elif s:
+            lines += [f"No-grad sampling, {args['steps']} steps, medians of {args['sampling_repeats']}: ComfyUI KSampler "
+                      f"(ddim) {s['ksampler_s']:.3f} s, library "
+                      f"DDIM (DRaFT DDIM Sampler) {s['ours_s']:.3f} s: ratio KSampler / ours **{s['ratio']:.3f}** (max "
+                      f"|difference| of the latents {s['max_abs_diff']:.1e}). The same chain as training runs it (the "
+                      f"trainer's LoRA-wrapped model copy, training precision): {s['training_chain_s']:.3f} s, ratio "
+                      f"KSampler / training chain **{s['ratio_training_chain']:.3f}**.", ""]
+        lines += ["| variant | step s | sampling | differentiated | decode | reward | backward | optimizer | other "
+                  "| unavoidable s | overhead ratio | peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for variant, r in m.get("variants", {}).items():
+            if r == "OOM":
+                lines.append(f"| {variant} | OOM |  |  |  |  |  |  |  |  |  |  |")
+                continue
+            p = r["phases_s"]
+            cells = [p.get(k, 0.0) for k in ("sampling", "differentiated", "decode", "reward", "backward", "optimizer")]
+            cells.append(p.get("setup", 0.0) + p.get("other", 0.0))
+            lines.append(f"| {variant} | {r['step_s']:.3f} | " + " | ".join(f"{c:.3f}" for c in cells)
+                         + f" | {r['unavoidable_total_s']:.3f} | **{r['overhead_ratio']:.3f}** "
+                         f"| {'n/a (CPU)' if cpu else fmt(r.get('peak_gb'), 2)} |")
+        lines += ["", "Unavoidable parts, each timed alone right after each step (s, medians):", "",
+                  "| variant | no-grad guided call | differentiated call fwd+bwd | VAE decode fwd+bwd | reward fwd+bwd "
+                  "| optimizer |", "|---|---|---|---|---|---|"]
+        for variant, r in measured.items():
+            u = r["units_s"]
+            lines.append(f"| {variant} | {u['sampling_chain'] / r['sampling_steps']:.4f} | {u['differentiated_call']:.4f} "
+                         f"| {u['decode']:.4f} | {u['reward']:.4f} | {u['optimizer']:.4f} |")
+        lines.append("")
+    lines += ["Phases (seconds, medians over the measured steps): sampling = no-grad UNet calls; differentiated = "
+              "forward of the differentiated calls; backward includes recomputing checkpointed UNet calls and the "
+              "decoder; other = prompt/noise draw and ComfyUI's sampling setup and cleanup. Overhead ratio = step "
+              "time / sum of the unavoidable parts the variant needs (no-grad calls of the prefix, forward+backward "
+              "of each differentiated call, VAE decode and reward forward+backward per scored image, optimizer), "
+              "timed without checkpointing. Peak = torch.cuda.max_memory_allocated over the measured steps, in GB "
+              "(10^9 bytes).", ""]
+    return "\n".join(lines + target_checks(results))
+
+
+def target_checks(results):
+    """Issue 7's targets, where this run measured their configuration (real sizes on CUDA, batch 1, 50 steps)."""
+    args, models = results["args"], results["models"]
+    if results["env"]["device"] != "cuda" or args["size"] != "real" or args["batch_size"] != 1 or args["steps"] != 50:
+        return []
+
+    def variant(model, name):  # only at the target's resolution
+        m = models.get(model, {})
+        return m.get("variants", {}).get(name) if m.get("resolution") == RESOLUTION["real"][model] else None
+
+    def check(label, r, key, limit, above=False):
+        if r is None:
+            return f"- {label}: not measured"
+        value = None if r == "OOM" else r.get(key)
+        ok = value is not None and (value >= limit if above else value <= limit)
+        return f"- {label}: {'OOM' if r == 'OOM' else fmt(value)} -> {'met' if ok else 'NOT met'}"
+
+    lines = ["## Targets (issue 7)", "",
+             check("overhead ratio, draft-lv, SD1.5 512 (<= 1.15)", variant("sd15", "draft-lv (n=2)"), "overhead_ratio", 1.15),
+             check("peak memory GB, draft-lv, SD1.5 512 (<= 6)", variant("sd15", "draft-lv (n=2)"), "peak_gb", 6),
+             check("peak memory GB, draft-lv, SDXL 1024 (<= 14)", variant("sdxl", "draft-lv (n=2)"), "peak_gb", 14),
+             check("peak memory GB, full draft (K = 50), SD1.5 512 (<= 24)", variant("sd15", "draft (full)"), "peak_gb", 24)]
+    for name, m in models.items():
+        s = m.get("sampling")
+        lines.append(check(f"KSampler / library DDIM, {name} (>= 0.95)", s, "ratio", 0.95, above=True))
+        lines.append(check(f"KSampler / training's no-grad chain, {name} (>= 0.95)", s, "ratio_training_chain", 0.95,
+                           above=True))
+    return lines + [""]
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu")
+    p.add_argument("--size", choices=["tiny", "real"], help="default: real on CUDA, tiny on CPU")
+    p.add_argument("--models", nargs="+", choices=list(ARCHITECTURES), help="default: sd15 sdxl (real), sd15 (tiny)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--steps", type=int, help="sampling steps; default 50 (real), 10 (tiny)")
+    p.add_argument("--resolution", type=int, help="image size; default 512 SD1.5, 768 SD2, 1024 SDXL, 64 tiny")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sampling-repeats", type=int, default=7,
+                   help="rounds of the no-grad sampling comparison (cheap, and its 0.95 target needs a tight median)")
+    p.add_argument("--no-checkpointing", action="store_true", help="train without recomputation (more memory)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 gives steadier timings on a shared machine)")
+    p.add_argument("--out", type=pathlib.Path, default=REPO / "bench" / "results")
+    p.add_argument("--name", help="file stem; default speed (CUDA) or speed_cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.size = args.size or ("real" if device.type == "cuda" else "tiny")
+    args.models = args.models or (["sd15", "sdxl"] if args.size == "real" else ["sd15"])
+    args.steps = args.steps or (50 if args.size == "real" else 10)
+    args.name = args.name or ("speed" if device.type == "cuda" else "speed_cpu")
+    missing = [m for m in args.models if m not in RESOLUTION[args.size]]
+    if missing:
+        p.error(f"--size {args.size} has no {', '.join(missing)} model (tiny models exist for sd15 only)")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    boot_comfyui(device)
+    import comfy.model_management
+    from comfyui_version import __version__ as comfyui_version
+    results = {"env": {"device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)",
+                       "torch": torch.__version__, "comfyui": comfyui_version, "python": platform.python_version(),
+                       "comfy_vram_state": comfy.model_management.vram_state.name},
+               "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}, "models": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write():
+        (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"{args.name}.md").write_text(markdown(results))
+
+    print(f"{results['env']['device_name']}, torch {torch.__version__}, ComfyUI {comfyui_version}; "
+          f"{args.size} models {args.models}, {args.steps} steps", flush=True)
+    reward = aesthetic_reward(args.size)
+    for name in args.models:
+        benchmark_model(name, args, device, reward, results, write)
+    write()
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
