@@ -1,22 +1,25 @@
-"""Reward hacking and its controls, measured on the bundled digit model (CPU, about 20 minutes).
+"""Reward hacking and its controls, measured on the bundled digit model (CPU, 10-30 minutes per setting).
 
-Two settings, each trained with DRaFT-LV with and without the DRaFT+ regulariser (kl_coef), validated
+Two settings, each trained with and without the DRaFT+ regulariser (kl_coef), validated
 every few steps on held-out prompts and seeds, keeping the best LoRA by held-out training reward subject
 to a diversity floor. Every LoRA (kept and last) is then tested on a third, untouched set (new prompt
 wording, new seeds) by the judge classifier, which was trained on digits neither the diffusion model nor
 the reward classifier saw:
 
-  alignment    reward log p(prompted digit) at cfg 0.5 (weak guidance: the base model is often wrong);
+  alignment    full DRaFT (which digit is drawn is settled early in sampling, out of DRaFT-LV's reach),
+               reward log p(prompted digit) at cfg 0.5 (weak guidance: the base model is often wrong);
                judge accuracy on the prompted digit and same-prompt diversity relative to the base model.
-  adversarial  prompts ask for a 3, reward log p(8); the judge's reading of an 8, and its confidence that
+  adversarial  DRaFT-LV; prompts ask for a 3, reward log p(8); the judge's reading of an 8, and its confidence that
                the sample is a digit at all (the share of samples whose top class probability >= THRESHOLD).
 
-Writes hacking.json and hacking.md to --out (bench/results/).
-Run: .venv/bin/python bench/hacking.py [--steps 150] [--kl-coef 0.3 3]
+Writes hacking_<settings>.json and .md to --out (bench/results/).
+Run (the README's figures): .venv/bin/python bench/hacking.py --settings alignment --steps 80 --lr 1e-3 --kl-coef 1
+                            .venv/bin/python bench/hacking.py --settings adversarial --lr 3e-4 --kl-coef 1 3
 """
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import torch
@@ -58,7 +61,11 @@ def run(setting_name, kl_coef, args, judge):
     setting = settings(setting_name, args.alignment_cfg)
     backend = digits.load_backend()
     reward = digits.DigitReward(digits.load_classifier("reward_classifier"), setting["target"])
-    config = TrainConfig(prompts=setting["train"], variant="draft-lv", steps=args.steps, lr=args.lr, cfg=setting["cfg"],
+    # Which digit gets drawn is settled early in sampling: alignment needs more than the last step.
+    variant = {}
+    if setting_name == "alignment":
+        variant = dict(variant="draft-k", grad_steps=args.alignment_k) if args.alignment_k else dict(variant="draft")
+    config = TrainConfig(prompts=setting["train"], **{"variant": "draft-lv", **variant}, steps=args.steps, lr=args.lr, cfg=setting["cfg"],
                          sampling_steps=20, width=digits.SIZE, height=digits.SIZE, batch_size=8, seed=args.seed,
                          weight_decay=0.0, kl_coef=kl_coef)
     validator = Validator(ValidationConfig(prompts=setting["validation"], seeds=list(range(10_000, 10_000 + args.val_seeds)),
@@ -80,7 +87,7 @@ def run(setting_name, kl_coef, args, judge):
     final = test_scores(backend, setting, judge, base)
     train_reward = sum(m["reward"] for m in trainer.history[-10:]) / min(10, len(trainer.history))
     return {"setting": setting_name, "kl_coef": kl_coef, "steps": config.steps, "seconds": seconds,
-            "reward_queries": config.steps * config.batch_size * config.lv_samples,
+            "reward_queries": config.steps * config.batch_size * (config.lv_samples if config.variant == "draft-lv" else 1),
             "train_reward_last10": train_reward, "kept_step": trainer.kept_step,
             "validation": validator.history, "base": base, "kept": kept, "last": final}
 
@@ -108,11 +115,13 @@ def main(argv=None):
     p.add_argument("--kl-coef", type=float, nargs="+", default=[0.3], help="regularised runs (one plain run is added)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--alignment-cfg", type=float, default=0.5, help="guidance where the base model is imperfect")
+    p.add_argument("--alignment-k", type=int, default=0, help="alignment: DRaFT-K's K (0: full DRaFT)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--val-seeds", type=int, default=8)
     p.add_argument("--diversity-floor", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     judge = digits.load_classifier("judge_classifier")
@@ -126,8 +135,9 @@ def main(argv=None):
                   f"kept {r['kept']}, last {r['last']}", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "hacking.json").write_text(json.dumps({"args": vars(args), "threshold": THRESHOLD, "results": results}, indent=1))
-    (out / "hacking.md").write_text(f"Measured with `{' '.join(['bench/hacking.py'] + (argv or []))}` "
+    name = "hacking_" + "_".join(args.settings)
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "threshold": THRESHOLD, "results": results}, indent=1))
+    (out / f"{name}.md").write_text(f"Measured with `{' '.join(['bench/hacking.py', *argv])}` "
                                     f"(test set: new prompt wording, 32 new seeds per prompt)\n\n{table(results)}\n")
     print(table(results))
 
