@@ -113,6 +113,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results")
     p.add_argument("--settings", nargs="+", default=["alignment", "adversarial"])
     p.add_argument("--kl-coef", type=float, nargs="+", default=[0.3], help="regularised runs (one plain run is added)")
+    p.add_argument("--no-plain", action="store_true", help="skip the unregularised run")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--alignment-cfg", type=float, default=0.5, help="guidance where the base model is imperfect")
     p.add_argument("--alignment-k", type=int, default=0, help="alignment: DRaFT-K's K (0: full DRaFT)")
@@ -127,7 +128,7 @@ def main(argv=None):
     judge = digits.load_classifier("judge_classifier")
     results = []
     for setting in args.settings:
-        for kl_coef in [*args.kl_coef, 0.0]:
+        for kl_coef in [*args.kl_coef, *([] if args.no_plain else [0.0])]:
             print(f"{setting}, kl_coef {kl_coef} ...", flush=True)
             results.append(run(setting, kl_coef, args, judge))
             r = results[-1]

@@ -162,8 +162,8 @@ def load_models(name, size, device):
 
 
 def aesthetic_reward(size):
-    """The LAION aesthetic reward as `rewards.load_aesthetic` builds it (open_clip CLIP, text tower included,
-    + the predictor's MLP), with random weights instead of the published files."""
+    """The LAION aesthetic reward as `rewards.load_aesthetic` builds it (open_clip CLIP image tower + the
+    predictor's MLP), with random weights instead of the published files."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     from comfy_draft.rewards.base import frozen
@@ -172,7 +172,7 @@ def aesthetic_reward(size):
     torch.manual_seed(SEED)
     clip = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)
     mlp = AestheticMLP([cfg["embed_dim"], 1024, 128, 64, 16, 1])
-    return frozen(AestheticReward(OpenClipTowers(clip, cfg["vision_cfg"]["image_size"]), mlp))
+    return frozen(AestheticReward(OpenClipTowers(clip, cfg["vision_cfg"]["image_size"]).drop_text(), mlp))
 
 
 # ----- timing ---------------------------------------------------------------------------------------

@@ -186,6 +186,9 @@ def test_aesthetic_matches_reference(tiny, clip_file):
         features = features / np.linalg.norm(features, axis=-1, keepdims=True)
         expected = tiny.mlp(torch.from_numpy(features).float())[:, 0]
         assert_close(reward(images, PROMPTS), expected)
+    names = [n for n, _ in reward.named_parameters()]
+    assert not reward.clip.has_text and not any("token_embedding" in n or "text_model" in n for n in names)
+    assert any(".visual." in n or "vision_model" in n for n in names)  # the text tower alone was freed
 
 
 @pytest.mark.parametrize("folder", ["with_tokenizer", "without_tokenizer"])

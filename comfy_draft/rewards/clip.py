@@ -79,6 +79,13 @@ class OpenClipTowers(torch.nn.Module):
     def encode_text(self, texts):
         return self.model.encode_text(self.tokenizer(texts).to(self.model.token_embedding.weight.device))
 
+    def drop_text(self):
+        """Free the text tower (image-only rewards never use it)."""
+        for name in ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection"):
+            setattr(self.model, name, None)
+        self.has_text = False
+        return self
+
 
 class HFClipTowers(torch.nn.Module):
     """A transformers CLIPModel, or a CLIPVisionModelWithProjection (image tower only)."""
@@ -117,6 +124,13 @@ class HFClipTowers(torch.nn.Module):
         device = self.model.text_projection.weight.device
         out = self.model.text_model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device))
         return self.model.text_projection(out.pooler_output)
+
+    def drop_text(self):
+        """Free the text tower (image-only rewards never use it)."""
+        if self.has_text:
+            self.model.text_model = self.model.text_projection = None
+            self.has_text = False
+        return self
 
 
 def _open_clip_from_state_dict(sd, path, quick_gelu):
@@ -281,7 +295,7 @@ def load_aesthetic(mlp_path, clip_path, allow_unsafe_pickle=False):
             mlp.load_state_dict(sd, strict=True)
         except RuntimeError as e:
             raise RewardFileError(f"{mlp_path} does not look like {expected}: {e}") from e
-        clip = load_clip(clip_path, allow_unsafe_pickle=allow_unsafe_pickle)
+        clip = load_clip(clip_path, allow_unsafe_pickle=allow_unsafe_pickle).drop_text()
     if clip.embed_dim != sizes[0]:
         raise RewardFileError(f"{mlp_path} takes {sizes[0]}-dim CLIP image embeddings but {os.fspath(clip_path)} gives "
                               f"{clip.embed_dim}-dim ones (the predictor was trained on OpenAI CLIP ViT-L/14)")
