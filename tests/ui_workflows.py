@@ -95,6 +95,13 @@ def ui_to_api(workflow, classes):
 CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
+def aesthetic_reward():
+    """The LAION aesthetic reward from its published file names (a fresh node dict each time)."""
+    return {"class_type": "DRaFTRewardLoader", "inputs": {
+        "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt", "text": "",
+        "maximize": True}}
+
+
 def sampling_nodes(first, model, clip, vae, seed=1, prompt="a lighthouse at dusk, oil painting"):
     a, b, c, d, e, f = (str(first + i) for i in range(6))
     return {
@@ -112,9 +119,7 @@ def sampling_nodes(first, model, clip, vae, seed=1, prompt="a lighthouse at dusk
 def train_aesthetic():
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
-            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
-            "text": "", "maximize": True}},
+        "2": aesthetic_reward(),
         "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
             "prompts": "a lighthouse at dusk, oil painting\na cat sitting on a windowsill\na bowl of fruit on a table",
@@ -140,9 +145,7 @@ def train_aesthetic():
 def score_images():
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
-            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
-            "text": "", "maximize": True}},
+        "2": aesthetic_reward(),
         "3": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}},
         "4": {"class_type": "DRaFTRewardCombine", "inputs": {"reward_a": ["2", 0], "weight_a": 1.0,
                                                              "reward_b": ["3", 0], "weight_b": -1.0}},
@@ -179,9 +182,7 @@ def mix_loras():
 def strength_sweep():
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "2": {"class_type": "DRaFTRewardLoader", "inputs": {
-            "family": "aesthetic", "file": "sac+logos+ava1-l14-linearMSE.pth", "clip_file": "ViT-L-14.pt",
-            "text": "", "maximize": True}},
+        "2": aesthetic_reward(),
         "3": {"class_type": "DRaFTLoRAStrengthSweep", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_name": "draft/aesthetic_00001_.safetensors",
             "reward": ["2", 0], "prompts": "a portrait of an old sailor\na mountain lake at sunrise",
