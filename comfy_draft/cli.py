@@ -205,21 +205,29 @@ def sweep_parser(sub):
 def sweep(args):
     from PIL import Image
 
-    from .lora import load_kohya_file
+    from .lora import RESNET_TARGETS, kohya_name, load_kohya_file
     from .plotting import image_grid
     from .validation import scaled, strength_sweep, sweep_table
 
+    if not os.path.isfile(args.lora):
+        raise SystemExit(f"LoRA file not found: {args.lora}")
     state_dict, _ = load_kohya_file(args.lora)
     names = {k.rsplit(".", 2)[0] for k in state_dict if k.endswith(".lora_down.weight")}
+    if not names:
+        raise SystemExit(f"{args.lora} holds no kohya LoRA weights (*.lora_down.weight)")
     rank = state_dict[next(iter(names)) + ".lora_down.weight"].shape[0]
-    resnets = any(n.endswith(("_conv1", "_conv2", "_in_layers_2", "_out_layers_3")) for n in names)
-    backend = load_backend(args)
-    loras = backend.add_loras(rank, resnets=resnets)
-    loras.load_kohya_state_dict(state_dict, args.lora)
+    resnet_suffixes = tuple(kohya_name(t)[len("lora_unet"):] for t in RESNET_TARGETS)
+    resnets = any(n.endswith(resnet_suffixes) for n in names)
+    try:
+        reward, judges = build_reward(args), parse_judges(args.judge)
+        backend = load_backend(args)
+        loras = backend.add_loras(rank, resnets=resnets)
+        loras.load_kohya_state_dict(state_dict, args.lora)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    rows, images = strength_sweep(scaled(backend, loras, args.strengths), build_reward(args), args.prompts, seeds,
-                                  args.negative_prompt, args.cfg, args.sampling_steps, args.width, args.height,
-                                  parse_judges(args.judge))
+    rows, images = strength_sweep(scaled(backend, loras, args.strengths), reward, args.prompts, seeds,
+                                  args.negative_prompt, args.cfg, args.sampling_steps, args.width, args.height, judges)
     os.makedirs(args.out, exist_ok=True)
     table = sweep_table(rows)
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
