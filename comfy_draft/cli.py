@@ -44,6 +44,9 @@ def reward_from(family, path=None, extra="", maximize=True):
     """A reward by family: built-in names need nothing; `digit` takes a bundled classifier name and a target
     digit (or 'prompted'); `aesthetic` takes the CLIP tower as `extra`, text-driven families their text."""
     from . import rewards
+    if family not in (*rewards.BUILTIN_REWARDS, *rewards.FAMILIES, "digit"):
+        raise SystemExit(f"unknown reward {family!r}; choose a built-in reward ({', '.join(rewards.BUILTIN_REWARDS)}), "
+                         f"a family with a file ({', '.join(rewards.FAMILIES)}) or 'digit'")
     if family in rewards.BUILTIN_REWARDS:
         return rewards.builtin_reward(family)
     if family == "digit":
@@ -79,6 +82,8 @@ def add_model_arguments(p):
     p.add_argument("--reward", required=True, help="a built-in reward (brightness, saturation, contrast, sharpness, "
                    "compressibility), a family (aesthetic, hpsv2, pickscore, clip_similarity, imagenet_classifier) "
                    "or 'digit' (the bundled digit classifier)")
+    p.add_argument("--width", type=int, help=f"default: {TRAIN_DEFAULTS.width}, or 16 for --model digits")
+    p.add_argument("--height", type=int, help=f"default: {TRAIN_DEFAULTS.height}, or 16 for --model digits")
     p.add_argument("--reward-file", help="the reward's weights file or folder")
     p.add_argument("--reward-clip", help="aesthetic: the CLIP ViT-L/14 tower")
     p.add_argument("--reward-text", default="", help="clip_similarity: target text; imagenet_classifier: classes; "
@@ -103,7 +108,7 @@ def train_parser(sub):
     p.add_argument("--variant", choices=VARIANTS, default=TRAIN_DEFAULTS.variant)
     p.add_argument("--k", dest="grad_steps", type=int, default=TRAIN_DEFAULTS.grad_steps, help="draft-k: K")
     p.add_argument("--lv-samples", type=int, default=TRAIN_DEFAULTS.lv_samples, help="draft-lv: n")
-    for name in ("steps", "sampling_steps", "width", "height", "batch_size", "accumulation", "rank", "seed",
+    for name in ("steps", "sampling_steps", "batch_size", "accumulation", "rank", "seed",
                  "save_every", "reward_resolution"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TRAIN_DEFAULTS, name))
     for name in ("cfg", "lr", "weight_decay", "max_grad_norm", "kl_coef"):
@@ -198,8 +203,6 @@ def sweep_parser(sub):
     d = TrainConfig(prompts=[""])
     p.add_argument("--sampling-steps", type=int, default=d.sampling_steps)
     p.add_argument("--cfg", type=float, default=d.cfg)
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--height", type=int, default=d.height)
 
 
 def sweep(args):
@@ -248,6 +251,11 @@ def main(argv=None):
     from . import demo
     demo.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("train", "sweep"):
+        from . import digits
+        size = digits.SIZE if args.model == "digits" else None  # the size the digit model was trained at
+        args.width = args.width or size or TRAIN_DEFAULTS.width
+        args.height = args.height or size or TRAIN_DEFAULTS.height
     if args.command == "train":
         train(args)
     elif args.command == "sweep":

@@ -46,13 +46,14 @@ def test_cli_trains_writes_lora_log_checkpoint_and_resumes(tmp_path):
 def test_cli_validation_keep_best_and_sweep_on_the_digit_model(tmp_path):
     out = tmp_path / "digits.safetensors"
     common = ["--model", "digits", "--reward", "digit", "--reward-text", "prompted", "--cfg", "1",
-              "--sampling-steps", "5", "--width", "16", "--height", "16"]
+              "--sampling-steps", "5"]  # no --width/--height: the digit model's own 16 x 16
     result = run_cli("train", *common, "--out", str(out), "--prompts", "a 1", "a 7", "--steps", "3",
                      "--batch-size", "2", "--lr", "3e-3", "--val-prompts", "the digit one", "the digit seven",
                      "--val-seeds", "3", "--val-every", "2", "--judge", "digit=judge_classifier,prompted",
                      "--judge", "brightness", "--criterion", "digit")
     log = [json.loads(line) for line in (tmp_path / "digits.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log if "val_digit" in m] == [2, 3]
+    assert json.loads(load_kohya_file(out)[1]["comfy_draft_config"])["width"] == 16
     assert {"val_reward", "val_brightness", "val_diversity", "val_feature_diversity"} <= set(log[-1])
     assert "val_digit" in result.stdout and out.exists()
     assert load_kohya_file(out)[1]["comfy_draft_validation"]
@@ -66,3 +67,19 @@ def test_cli_validation_keep_best_and_sweep_on_the_digit_model(tmp_path):
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
     assert [r["strength"] for r in rows] == [0.0, 1.0] and "digit" in rows[0]
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0 and "| strength |" in result.stdout
+
+
+def test_cli_bad_input_is_refused_with_a_clear_message(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    common = ["--model", "digits", "--reward", "brightness", "--prompts", "a 1"]
+    sweep = ["sweep", *common, "--out", str(tmp_path / "sweep")]
+    refused = run_cli(*sweep, "--lora", str(tmp_path / "missing.safetensors"), check=False)
+    assert refused.returncode and "LoRA file not found" in refused.stderr
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "empty.safetensors"))
+    refused = run_cli(*sweep, "--lora", str(tmp_path / "empty.safetensors"), check=False)
+    assert refused.returncode and "holds no kohya LoRA weights" in refused.stderr
+    refused = run_cli("train", "--model", "digits", "--reward", "brightnes", "--prompts", "a 1",
+                      "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert refused.returncode and "unknown reward 'brightnes'" in refused.stderr and "brightness" in refused.stderr
