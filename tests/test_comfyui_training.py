@@ -25,6 +25,19 @@ def outputs(model_patcher, x, sigma, cond):
         return model_patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
 
 
+def test_a_model_without_a_file_to_reload_is_refused_clearly(comfyui, tiny_sd15):
+    """Custom loaders build models from state dicts, leaving ComfyUI nothing to make a fresh copy from."""
+    import comfy.sd
+    import comfy.utils
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    sd = comfy.utils.load_torch_file(str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_state_dict_guess_config(sd)[:3]
+    with pytest.raises(ValueError, match="CheckpointLoaderSimple or UNETLoader"):
+        TrainingBackend(model, clip, vae)
+
+
 @pytest.mark.slow
 def test_trained_lora_loads_in_comfyui_and_reproduces_the_training_model(comfyui, tiny_sd15_objects, caplog):
     import comfy.model_management

@@ -155,6 +155,10 @@ class TrainingBackend(SamplingBackend):
 
     def __init__(self, model, clip, vae):
         check_model(model)
+        if model.cached_patcher_init is None:
+            raise ValueError("DRaFT trains a fresh copy of the model, reloaded from its file as ComfyUI's own "
+                             "training does, but this MODEL's loader did not record its file: load it with "
+                             "CheckpointLoaderSimple or UNETLoader (Load Diffusion Model)")
         with torch.inference_mode(False):
             model = model.clone(force_deepcopy=True)
             model.model.requires_grad_(False)
