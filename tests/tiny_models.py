@@ -69,3 +69,46 @@ def tiny_sd15_checkpoint(seed=0):
     if not path.exists():
         write_tiny_sd15_checkpoint(path, seed)
     return path
+
+
+# SDXL's UNet layout at a tiny size: ldm module names, linear transformer projections, context 2048
+# and the 2816-wide ADM input (pooled bigG text + six size embeddings). Too small for ComfyUI's file
+# detection to call it SDXL, so `tiny_sdxl` builds it with ComfyUI's own SDXL model class instead.
+TINY_SDXL_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1], channel_mult=[1, 2],
+    transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1,
+    use_spatial_transformer=True, legacy=False, num_classes="sequential", adm_in_channels=2816, context_dim=2048,
+    num_head_channels=32, use_linear_in_transformer=True, use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+
+def tiny_sdxl(seed=0, disable_dynamic=True):
+    """A ComfyUI MODEL of ComfyUI's SDXL class (eps, SDXL latent format) with a tiny seeded UNet, with a
+    `cached_patcher_init` factory so that ComfyUI can reload a fresh copy (as training does), like a
+    model from UNETLoader."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(TINY_SDXL_UNET)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    reinit_(model.diffusion_model, torch.Generator().manual_seed(seed))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher.cached_patcher_init = (tiny_sdxl, (seed,))
+    return patcher
+
+
+class SDXLTextStandIn:
+    """Stands in for SDXL's CLIP (CLIP-L + OpenCLIP bigG: 800M parameters, too large for CI): conditioning
+    in exactly the layout ComfyUI's SDXL CLIP returns (context (1, 77, 2048), pooled_output (1, 1280)),
+    fixed per prompt."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        import zlib
+        g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]

@@ -1,0 +1,96 @@
+"""SDXL through the same ComfyUI machinery: ComfyUI's own SDXL model class (pooled text and size
+conditioning through the ADM input, SDXL latent format, ldm module names) with a tiny UNet."""
+import logging
+
+import pytest
+import torch
+from tiny_models import SDXLTextStandIn, tiny_sdxl
+
+from comfy_draft import rewards
+from comfy_draft.lora import load_kohya_file
+from comfy_draft.trainer import TrainConfig, Trainer
+
+PROMPTS = ["a lighthouse at dusk", "a bowl of ramen"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_objects(comfyui, tiny_sd15):
+    """MODEL, CLIP, VAE: SDXL's VAE has SD's architecture, so the tiny checkpoint's VAE serves."""
+    import comfy.sd
+    path = str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15))
+    with torch.inference_mode():  # as ComfyUI's loader nodes run
+        return tiny_sdxl(seed=0), SDXLTextStandIn(), comfy.sd.load_checkpoint_guess_config(path, output_clip=False)[2]
+
+
+def conditioning(clip, prompts, size):
+    """As CLIPTextEncode + ComfyUI's batching: one cond per prompt, with SDXL's size fields."""
+    conds = [clip.encode_from_tokens_scheduled(p) for p in prompts]
+    extra = {"pooled_output": torch.cat([c[0][1]["pooled_output"] for c in conds]), "width": size, "height": size}
+    return [[torch.cat([c[0][0] for c in conds]), extra]]
+
+
+def test_sdxl_sampler_matches_ksampler_ddim_uniform(comfyui, sdxl_objects):
+    import nodes
+    model, clip, _ = sdxl_objects
+    positive, negative = conditioning(clip, PROMPTS, 64), conditioning(clip, ["", ""], 64)
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        (ref,) = nodes.KSampler().sample(model, 7, 8, 6.0, "ddim", "ddim_uniform", positive, negative, latent)
+        (ours,) = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTDDIMSampler"]().sample(model, positive, negative, latent,
+                                                                                  7, 8, 6.0)
+    ref, ours = ref["samples"], ours["samples"]
+    assert ref.std() > 0.05
+    # The pooled text reaches the UNet: other pooled vectors give another sample.
+    other = [[positive[0][0], dict(positive[0][1], pooled_output=torch.zeros(2, 1280))]]
+    with torch.inference_mode():
+        (changed,) = nodes.KSampler().sample(model, 7, 8, 6.0, "ddim", "ddim_uniform", other, negative, latent)
+    print(f"SDXL: max |KSampler - DRaFT| = {(ref - ours).abs().max():.2e}")
+    assert (ref - ours).abs().max() < 1e-4
+    assert (changed["samples"] - ref).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_sdxl_lora_has_kohya_ldm_names_and_loads_in_comfyui(comfyui, sdxl_objects, caplog):
+    import comfy.model_management
+    import nodes
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    model, clip, vae = sdxl_objects
+    backend = TrainingBackend(model, clip, vae)
+    config = TrainConfig(prompts=PROMPTS, variant="draft-lv", steps=2, sampling_steps=4, cfg=5.0, width=64, height=64,
+                         batch_size=2, lr=0.05, seed=1)
+    trainer = Trainer(backend, rewards.builtin_reward("saturation"), config)
+    with torch.inference_mode():
+        trainer.train()
+    assert all(lora.up.abs().sum() > 0 for lora in trainer.loras.values())
+
+    lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
+    path = trainer.save_lora(f"{lora_dir}/draft_tiny_sdxl.safetensors", overwrite=True)
+    state_dict, metadata = load_kohya_file(path)
+    assert metadata["ss_base_model_version"].startswith("sdxl")
+    # kohya's SDXL names are ldm paths (input_blocks / middle_block / output_blocks), as sd-scripts writes them.
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in state_dict
+    assert not [k for k in state_dict if "down_blocks" in k or "up_blocks" in k]
+
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "draft_tiny_sdxl.safetensors", 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(patched.patches) == len(trainer.loras)
+
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 3.0])
+    cond, y = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
+
+    def outputs(patcher):
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        with torch.no_grad():
+            return patcher.model.apply_model(x, sigma, c_crossattn=cond, y=y).float()
+
+    with torch.inference_mode():
+        ours, theirs, base = outputs(backend.model), outputs(patched), outputs(model)
+    comfy.model_management.unload_all_models()
+    scale = ours.abs().max()
+    print(f"SDXL: max |LoRA effect| {(ours - base).abs().max() / scale:.2e}, "
+          f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
+    assert (ours - base).abs().max() > 1e-3 * scale
+    assert (theirs - ours).abs().max() <= 1e-3 * scale
