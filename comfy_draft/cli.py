@@ -12,23 +12,41 @@ TRAIN_DEFAULTS = TrainConfig(prompts=[""])
 
 
 def load_pipeline(path, config=None, device=None):
-    """A StableDiffusionPipeline (SD1.x / SD2.x) from a local folder or a single-file checkpoint."""
+    """A StableDiffusionPipeline (SD1.x / SD2.x) or StableDiffusionXLPipeline from a local folder or a
+    single-file checkpoint."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    sd_only = dict(safety_checker=None, requires_safety_checker=False)
     if os.path.isdir(path):
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        index = os.path.join(path, "model_index.json")
+        xl = False
+        if os.path.isfile(index):
+            with open(index) as f:
+                xl = "XL" in json.load(f).get("_class_name", "")
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        pipe = cls.from_pretrained(path, local_files_only=True, **({} if xl else sd_only))
     elif os.path.isfile(path):
+        xl = is_sdxl_checkpoint(path)
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
         try:
-            pipe = StableDiffusionPipeline.from_single_file(path, config=config, local_files_only=True,
-                                                            safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_single_file(path, config=config, local_files_only=True, **({} if xl else sd_only))
         except Exception as e:  # diffusers wants the model's config folder, which it would otherwise download
-            raise SystemExit(f"could not load {path} as a single-file SD1.x/SD2.x checkpoint without the hub "
-                             f"({e}); pass --config with a local diffusers folder of the same model type") from e
+            raise SystemExit(f"could not load {path} as a single-file {'SDXL' if xl else 'SD1.x/SD2.x'} checkpoint "
+                             f"without the hub ({e}); pass --config with a local diffusers folder of the same "
+                             f"model type") from e
     else:
         raise SystemExit(f"model not found: {path}")
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def is_sdxl_checkpoint(path):
+    """An original-layout SDXL checkpoint has a second text encoder under conditioner.embedders.1."""
+    if not path.endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
 
 
 def load_backend(args):
@@ -75,7 +93,7 @@ def parse_judges(specs):
 
 
 def add_model_arguments(p):
-    p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x checkpoint, or "
+    p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x/SDXL checkpoint, or "
                    "'digits' for the bundled digit model")
     p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")

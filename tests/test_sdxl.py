@@ -52,6 +52,7 @@ def test_sdxl_sampler_matches_ksampler_ddim_uniform(comfyui, sdxl_objects):
 @pytest.mark.slow
 def test_sdxl_lora_has_kohya_ldm_names_and_loads_in_comfyui(comfyui, sdxl_objects, caplog):
     import comfy.model_management
+
     import nodes
     from comfy_draft.backends.comfyui import TrainingBackend
 

@@ -194,16 +194,16 @@ def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     t, cond = torch.tensor([500, 500]), trainer.backend.encode(["a red square", "a blue circle"])
     with torch.no_grad():
-        ours = trainer.backend.unet(x, t, encoder_hidden_states=cond).sample
-        theirs = pipe.unet(x, t, encoder_hidden_states=cond).sample
-        base = tiny_unet(channels=3)(x, t, encoder_hidden_states=cond).sample
+        ours = trainer.backend.unet(x, t, **cond).sample
+        theirs = pipe.unet(x, t, **cond).sample
+        base = tiny_unet(channels=3)(x, t, **cond).sample
     assert (ours - base).abs().max() > 1e-3  # the LoRA changed the model...
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3 * ours.abs().max().item())  # ...and diffusers agrees
 
     fresh = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(resnet_loras=resnets))
     fresh.loras.load_kohya_state_dict(state_dict, str(path))  # continue training from the file
     with torch.no_grad():
-        again = fresh.backend.unet(x, t, encoder_hidden_states=cond).sample
+        again = fresh.backend.unet(x, t, **cond).sample
     torch.testing.assert_close(again, ours, rtol=1e-3, atol=1e-3 * ours.abs().max().item())
 
 

@@ -56,3 +56,36 @@ def tiny_pipeline(tmp_path, seed=0):
     return StableDiffusionPipeline(unet=tiny_unet(seed), vae=vae.eval(), text_encoder=encoder, tokenizer=tokenizer,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+# SDXL's diffusers layout at a tiny size: two text encoders (context = both widths, pooled text from the
+# second), size conditioning through `add_embedding`, two ResNets per level, two transformer blocks.
+TINY_SDXL_LAYERS, TINY_SDXL_TRANSFORMERS = 2, 2
+
+
+def tiny_sdxl_pipeline(tmp_path, seed=0, scheduler=None):
+    """A tiny StableDiffusionXLPipeline that diffusers can save and reload."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from tiny_clip import clip_tokenizer_files
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer_files(tmp_path / "tokenizer")
+    tokenizer.model_max_length = 77  # as SDXL's tokenizers (diffusers' prompt encoding pads to it)
+    text = dict(vocab_size=49408, hidden_size=CONTEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, projection_dim=CONTEXT_DIM)
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=TINY_SDXL_LAYERS, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, TINY_SDXL_TRANSFORMERS), cross_attention_dim=2 * CONTEXT_DIM,
+        attention_head_dim=4, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=CONTEXT_DIM + 6 * 8)
+    with torch.no_grad():
+        unet.conv_out.weight.normal_(0, 0.05)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1, sample_size=16, scaling_factor=0.13025)
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**text)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)).eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet.eval(), scheduler=scheduler or sd_scheduler(), add_watermarker=False)

@@ -53,14 +53,30 @@ class DiffusersDenoiser(torch.nn.Module):
 
 
 def guided(denoiser, cond, uncond, cfg):
-    """Classifier-free guidance inside the graph: uncond + cfg * (cond - uncond) on x0, one batched call."""
+    """Classifier-free guidance inside the graph: uncond + cfg * (cond - uncond) on x0, one batched call.
+
+    cond, uncond: the UNet's text conditioning as keyword arguments (`encoder_hidden_states`, for SDXL
+    also `added_cond_kwargs`), or just the `encoder_hidden_states` tensor.
+    """
+    cond, uncond = as_kwargs(cond), as_kwargs(uncond)
+
     def model(x, sigma):
         if cfg == 1:
-            return denoiser(x, sigma, cond)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
+            return denoiser(x, sigma, **cond)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conditioning([uncond, cond]))
         x0_uncond, x0_cond = both.chunk(2)
         return x0_uncond + cfg * (x0_cond - x0_uncond)
     return model
+
+
+def as_kwargs(cond):
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+def cat_conditioning(conds):
+    """Batch conditioning dicts (tensors, nested dicts) along the batch dimension."""
+    return {k: cat_conditioning([c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
+            for k, v in conds[0].items()}
 
 
 def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, checkpoint=True, callback=None):
@@ -77,16 +93,40 @@ def start_latent(noise, sigmas):
     return noise * (1 + sigmas[0] ** 2).sqrt()
 
 
-def base_model_version(cross_attention_dim):
-    """kohya's `ss_base_model_version` from the UNet's text-conditioning width."""
-    return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(cross_attention_dim, "custom")
+def ldm_module_path(path, layers_per_block):
+    """The ldm (original Stable Diffusion) path of a diffusers UNet module, as kohya names SDXL LoRAs:
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+    ResNet `conv1`/`conv2` -> `in_layers.2`/`out_layers.3`."""
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        block = f"middle_block.{1 if kind == 'attentions' else 2 * j}"
+    else:
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if parts[0] == "down_blocks":  # input_blocks.0 is conv_in; each level: its blocks and a downsampler
+            block = f"input_blocks.{1 + level * (layers_per_block + 1) + j}"
+        else:  # each up level has layers_per_block + 1 blocks (and its upsampler shares the last one)
+            block = f"output_blocks.{level * (layers_per_block + 1) + j}"
+        block += ".1" if kind == "attentions" else ".0"
+    if kind == "resnets":
+        rest = [{"conv1": "in_layers.2", "conv2": "out_layers.3"}.get(r, r) for r in rest]
+    return ".".join([block, *rest])
+
+
+def base_model_version(unet_config):
+    """kohya's `ss_base_model_version`: SDXL by its pooled-text and size conditioning, SD1.x/SD2.x by
+    their text-conditioning width."""
+    if unet_config.addition_embed_type == "text_time":
+        return "sdxl_base_v1-0"
+    return {768: "sd_v1", 1024: "sd_v2"}.get(unet_config.cross_attention_dim, "custom")
 
 
 class TrainingBackend:
     """A diffusers UNet (+ optional VAE, text encoder and tokenizer) for `Trainer`.
 
-    Without a VAE the UNet works in pixel space ([-1, 1] images). `encode_prompts(list of str) ->
-    (B, tokens, dim)` replaces the text encoder when given (e.g. class embeddings).
+    Without a VAE the UNet works in pixel space ([-1, 1] images). `encode_prompts(list of str)`
+    replaces the text encoder when given (e.g. class embeddings, SDXL's two encoders); it returns
+    the `encoder_hidden_states` (B, tokens, dim) or a dict of the UNet's conditioning arguments.
     """
 
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, encode_prompts=None, device=None):
@@ -95,15 +135,31 @@ class TrainingBackend:
         self.denoiser = DiffusersDenoiser.from_scheduler(self.unet, scheduler)
         self.vae = vae.to(self.device).requires_grad_(False) if vae is not None else None
         self.text_encoder = text_encoder.to(self.device).requires_grad_(False) if text_encoder is not None else None
+        self.text_encoders = [self.text_encoder] if text_encoder is not None else []  # on the device, for estimates
         self.tokenizer = tokenizer
         self.encode_prompts = encode_prompts
-        self.base_model_version = base_model_version(unet.config.cross_attention_dim)
+        self.base_model_version = base_model_version(unet.config)
         self._prompt_cache = {}
         self.loras = None
 
     @classmethod
     def from_pipeline(cls, pipe, device=None):
-        return cls(pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer, device=device)
+        """From a StableDiffusionPipeline (SD1.x, SD2.x) or a StableDiffusionXLPipeline."""
+        if getattr(pipe, "text_encoder_2", None) is None:
+            return cls(pipe.unet, pipe.scheduler, pipe.vae, pipe.text_encoder, pipe.tokenizer, device=device)
+        backend = cls(pipe.unet, pipe.scheduler, pipe.vae, device=device)
+        backend.text_encoders = [e.to(backend.device).requires_grad_(False) for e in (pipe.text_encoder, pipe.text_encoder_2)]
+
+        def encode_sdxl(prompts):
+            """Both encoders' context and the pooled text, by diffusers' own SDXL prompt encoding; with
+            `force_zeros_for_empty_prompt` an empty prompt is zeros, as diffusers' default negative prompt."""
+            context, _, pooled, _ = pipe.encode_prompt(prompts, device=backend.device, do_classifier_free_guidance=False)
+            if pipe.config.force_zeros_for_empty_prompt:
+                keep = torch.tensor([p != "" for p in prompts], device=backend.device)
+                context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+            return {"encoder_hidden_states": context, "added_cond_kwargs": {"text_embeds": pooled}}
+        backend.encode_prompts = encode_sdxl
+        return backend
 
     def add_loras(self, rank, alpha=None, resnets=False):
         from torch.nn.utils import parametrize
@@ -112,37 +168,54 @@ class TrainingBackend:
 
         modules = {n: m for n, m in self.unet.named_modules()
                    if is_target(n, resnets) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-        self.loras = LoRASet({kohya_name(n): m.weight.shape for n, m in modules.items()}, rank, alpha).to(self.device)
-        for name, module in modules.items():
-            parametrize.register_parametrization(module, "weight", self.loras[kohya_name(name)])
+        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
+        if self.base_model_version.startswith("sdxl"):
+            names = {n: kohya_name(ldm_module_path(n, self.unet.config.layers_per_block)) for n in modules}
+        else:
+            names = {n: kohya_name(n) for n in modules}
+        self.loras = LoRASet({names[n]: m.weight.shape for n, m in modules.items()}, rank, alpha).to(self.device)
+        for n, module in modules.items():
+            parametrize.register_parametrization(module, "weight", self.loras[names[n]])
         return self.loras
 
     def modules(self):
         """The modules whose weights sit on the device while training (for memory estimates)."""
         extra = [self.encode_prompts] if isinstance(self.encode_prompts, torch.nn.Module) else []
-        return [m for m in (self.unet, self.vae, self.text_encoder, *extra) if m is not None]
+        return [m for m in (self.unet, self.vae, *self.text_encoders, *extra) if m is not None]
 
     def encode(self, prompts):
+        """The UNet's text conditioning for `prompts`, as keyword arguments (see `guided`)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
                 if self.encode_prompts is not None:
-                    embeddings = self.encode_prompts(missing)
+                    cond = as_kwargs(self.encode_prompts(missing))
                 else:
                     length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
                     ids = self.tokenizer(missing, padding="max_length", max_length=length, truncation=True,
                                          return_tensors="pt").input_ids
-                    embeddings = self.text_encoder(ids.to(self.device))[0]
-            self._prompt_cache.update(zip(missing, embeddings.to(self.device)))
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+                    cond = {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = select(cond, i, self.device)
+        return cat_conditioning([self._prompt_cache[p] for p in prompts])
 
     def latent_shape(self, batch, height, width):
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        return (batch, self.unet.config.in_channels, height // factor, width // factor)
+        f = self.vae_scale_factor
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM."""
-        model = guided(self.denoiser, self.encode(prompts), self.encode([negative_prompt] * len(prompts)), cfg)
+        cond, uncond = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
+        if "added_cond_kwargs" in cond:  # SDXL's size conditioning: original size, crop (0, 0), target size
+            h, w = (n * self.vae_scale_factor for n in noise.shape[-2:])
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device).expand(len(prompts), -1)
+            for c in (cond, uncond):
+                c["added_cond_kwargs"]["time_ids"] = time_ids
+        model = guided(self.denoiser, cond, uncond, cfg)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
         return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
@@ -154,3 +227,8 @@ class TrainingBackend:
             images = checkpointed(lambda z: self.vae.decode(z / self.vae.config.scaling_factor).sample, x0,
                                   enabled=checkpoint)
         return ((images + 1) / 2).clamp(0, 1)
+
+
+def select(cond, i, device):
+    """Item `i` of batched conditioning (keeping a batch dimension of 1)."""
+    return {k: select(v, i, device) if isinstance(v, dict) else v[i:i + 1].to(device) for k, v in cond.items()}
