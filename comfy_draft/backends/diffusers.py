@@ -93,26 +93,6 @@ def start_latent(noise, sigmas):
     return noise * (1 + sigmas[0] ** 2).sqrt()
 
 
-def ldm_module_path(path, layers_per_block):
-    """The ldm (original Stable Diffusion) path of a diffusers UNet module, as kohya names SDXL LoRAs:
-    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
-    ResNet `conv1`/`conv2` -> `in_layers.2`/`out_layers.3`."""
-    parts = path.split(".")
-    if parts[0] == "mid_block":
-        kind, j, rest = parts[1], int(parts[2]), parts[3:]
-        block = f"middle_block.{1 if kind == 'attentions' else 2 * j}"
-    else:
-        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        if parts[0] == "down_blocks":  # input_blocks.0 is conv_in; each level: its blocks and a downsampler
-            block = f"input_blocks.{1 + level * (layers_per_block + 1) + j}"
-        else:  # each up level has layers_per_block + 1 blocks (and its upsampler shares the last one)
-            block = f"output_blocks.{level * (layers_per_block + 1) + j}"
-        block += ".1" if kind == "attentions" else ".0"
-    if kind == "resnets":
-        rest = [{"conv1": "in_layers.2", "conv2": "out_layers.3"}.get(r, r) for r in rest]
-    return ".".join([block, *rest])
-
-
 def base_model_version(unet_config):
     """kohya's `ss_base_model_version`: SDXL by its pooled-text and size conditioning, SD1.x/SD2.x by
     their text-conditioning width."""
@@ -164,7 +144,7 @@ class TrainingBackend:
     def add_loras(self, rank, alpha=None, resnets=False):
         from torch.nn.utils import parametrize
 
-        from ..lora import LoRASet, is_target, kohya_name
+        from ..lora import LoRASet, is_target, kohya_name, ldm_module_path
 
         modules = {n: m for n, m in self.unet.named_modules()
                    if is_target(n, resnets) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
