@@ -79,7 +79,10 @@ def reward_from(family, path=None, extra="", maximize=True):
 
 def build_reward(args):
     extra = args.reward_clip if args.reward == "aesthetic" else args.reward_text
-    return reward_from(args.reward, args.reward_file, extra or "", not args.minimize)
+    try:
+        return reward_from(args.reward, args.reward_file, extra or "", not args.minimize)
+    except ValueError as e:  # bad reward files: the message names the file and what was expected
+        raise SystemExit(f"error: {e}") from None
 
 
 def parse_judges(specs):
@@ -96,20 +99,24 @@ def add_model_arguments(p):
     p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x/SDXL checkpoint, or "
                    "'digits' for the bundled digit model")
     p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
+    p.add_argument("--width", type=int, help=f"default: {TRAIN_DEFAULTS.width}, or 16 for --model digits")
+    p.add_argument("--height", type=int, help=f"default: {TRAIN_DEFAULTS.height}, or 16 for --model digits")
+    add_reward_arguments(p)
+    p.add_argument("--judge", action="append", metavar="FAMILY[=PATH[,EXTRA]]",
+                   help="an independent reward to watch on held-out samples (repeatable), e.g. 'saturation', "
+                        "'hpsv2=HPS_v2.1_compressed.pt', 'digit=judge_classifier,prompted'")
+
+
+def add_reward_arguments(p):
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--reward", required=True, help="a built-in reward (brightness, saturation, contrast, sharpness, "
                    "compressibility), a family (aesthetic, hpsv2, pickscore, clip_similarity, imagenet_classifier) "
                    "or 'digit' (the bundled digit classifier)")
-    p.add_argument("--width", type=int, help=f"default: {TRAIN_DEFAULTS.width}, or 16 for --model digits")
-    p.add_argument("--height", type=int, help=f"default: {TRAIN_DEFAULTS.height}, or 16 for --model digits")
     p.add_argument("--reward-file", help="the reward's weights file or folder")
     p.add_argument("--reward-clip", help="aesthetic: the CLIP ViT-L/14 tower")
     p.add_argument("--reward-text", default="", help="clip_similarity: target text; imagenet_classifier: classes; "
                    "digit: target digit or 'prompted'")
     p.add_argument("--minimize", action="store_true", help="imagenet_classifier: push away from the classes")
-    p.add_argument("--judge", action="append", metavar="FAMILY[=PATH[,EXTRA]]",
-                   help="an independent reward to watch on held-out samples (repeatable), e.g. 'saturation', "
-                        "'hpsv2=HPS_v2.1_compressed.pt', 'digit=judge_classifier,prompted'")
 
 
 def train_parser(sub):
@@ -172,6 +179,7 @@ def train(args):
         raise SystemExit(f"error: {e}") from None
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise SystemExit(f"{args.out} exists: pass --overwrite to replace it or --resume to continue")
+    reward = build_reward(args)  # before the model: a bad reward file fails fast
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
     log = open(log_path, "a" if args.resume else "w")
@@ -183,7 +191,7 @@ def train(args):
         print(f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  "
               f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}", flush=True)
 
-    trainer = Trainer(backend, build_reward(args), config, [report], checkpoint_path=checkpoint, validator=validator)
+    trainer = Trainer(backend, reward, config, [report], checkpoint_path=checkpoint, validator=validator)
     from .memory import describe
     try:
         print(describe(trainer.memory_estimate()), flush=True)
@@ -261,11 +269,39 @@ def sweep(args):
     print(f"wrote sweep.md, sweep.json and sweep.png (one row per strength) in {args.out}")
 
 
+def score_parser(sub):
+    p = sub.add_parser("score", help="score image files with a reward", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_reward_arguments(p)
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--prompt", default="", help="the prompt the images were made for (prompt-aware rewards)")
+
+
+def score(args):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    reward = build_reward(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reward.to(device)
+    scores = []
+    for path in args.images:
+        try:
+            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"cannot read image {path}: {e}") from None
+        with torch.no_grad():
+            scores.append(reward(torch.from_numpy(image).permute(2, 0, 1)[None].to(device), [args.prompt]).item())
+        print(f"{path}: {scores[-1]:.4f}")
+    print(f"mean {reward.name}: {sum(scores) / len(scores):.4f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m comfy_draft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub)
     sweep_parser(sub)
+    score_parser(sub)
     from . import demo
     demo.add_parser(sub)
     args = parser.parse_args(argv)
@@ -278,5 +314,7 @@ def main(argv=None):
         train(args)
     elif args.command == "sweep":
         sweep(args)
+    elif args.command == "score":
+        score(args)
     elif args.command == "demo":
         demo.run(args)

@@ -83,3 +83,33 @@ def test_cli_bad_input_is_refused_with_a_clear_message(tmp_path):
     refused = run_cli("train", "--model", "digits", "--reward", "brightnes", "--prompts", "a 1",
                       "--out", str(tmp_path / "x.safetensors"), check=False)
     assert refused.returncode and "unknown reward 'brightnes'" in refused.stderr and "brightness" in refused.stderr
+
+
+def test_cli_scores_image_files(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from comfy_draft import rewards
+
+    rng = np.random.default_rng(0)
+    arrays = {"dark.png": rng.integers(0, 90, (24, 40, 3), dtype=np.uint8),
+              "bright.jpg": rng.integers(150, 256, (32, 32, 3), dtype=np.uint8)}
+    for name, array in arrays.items():
+        Image.fromarray(array).save(tmp_path / name, quality=100)
+    result = run_cli("score", "--reward", "brightness", "--device", "cpu", *[str(tmp_path / n) for n in arrays])
+    printed = dict(line.rsplit(": ", 1) for line in result.stdout.splitlines())
+    reward = rewards.builtin_reward("brightness")
+    for name in arrays:  # what the library gives on the decoded file
+        pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / name), dtype=np.float32) / 255).permute(2, 0, 1)
+        assert float(printed[str(tmp_path / name)]) == pytest.approx(reward(pixels[None], [""]).item(), abs=1e-4)
+    assert float(printed[str(tmp_path / "bright.jpg")]) > float(printed[str(tmp_path / "dark.png")])
+    assert "mean brightness" in result.stdout
+
+    (tmp_path / "notes.png").write_text("not an image")
+    refused = run_cli("score", "--reward", "brightness", str(tmp_path / "notes.png"), check=False)
+    assert refused.returncode and "cannot read image" in refused.stderr
+    (tmp_path / "resnet50.pth").write_text("<!DOCTYPE html><html>Sign in</html>")  # a saved login page
+    refused = run_cli("score", "--reward", "imagenet_classifier", "--reward-file", str(tmp_path / "resnet50.pth"),
+                      "--reward-text", "tabby cat", str(tmp_path / "dark.png"), check=False)
+    assert refused.returncode and "resnet50.pth" in refused.stderr and "Traceback" not in refused.stderr
