@@ -83,3 +83,17 @@ def test_cli_trains_an_sdxl_pipeline_folder(tmp_path):
                      "--steps", "1", "--sampling-steps", "3", "--width", "16", "--height", "16", "--out", str(out))
     assert "step 1/1" in result.stdout and os.path.exists(out)
     assert any(k.startswith("lora_unet_input_blocks_") for k in load_kohya_file(out)[0])
+
+
+def test_single_file_checkpoints_are_told_apart_by_their_second_text_encoder(tmp_path):
+    from safetensors.torch import save_file
+
+    from comfy_draft.cli import is_sdxl_checkpoint
+
+    w = torch.zeros(1)
+    save_file({"conditioner.embedders.1.model.ln_final.weight": w, "model.diffusion_model.out.2.weight": w},
+              str(tmp_path / "sdxl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": w,
+               "model.diffusion_model.out.2.weight": w}, str(tmp_path / "sd15.safetensors"))
+    assert is_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))
+    assert not is_sdxl_checkpoint(str(tmp_path / "sd15.safetensors"))
