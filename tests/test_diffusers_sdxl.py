@@ -90,10 +90,9 @@ def test_single_file_checkpoints_are_told_apart_by_their_second_text_encoder(tmp
 
     from comfy_draft.cli import is_sdxl_checkpoint
 
-    w = torch.zeros(1)
-    save_file({"conditioner.embedders.1.model.ln_final.weight": w, "model.diffusion_model.out.2.weight": w},
-              str(tmp_path / "sdxl.safetensors"))
-    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": w,
-               "model.diffusion_model.out.2.weight": w}, str(tmp_path / "sd15.safetensors"))
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
+               "model.diffusion_model.out.2.weight": torch.ones(4)}, str(tmp_path / "sdxl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+               "model.diffusion_model.out.2.weight": torch.ones(4)}, str(tmp_path / "sd15.safetensors"))
     assert is_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))
     assert not is_sdxl_checkpoint(str(tmp_path / "sd15.safetensors"))
