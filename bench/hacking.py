@@ -13,7 +13,8 @@ the reward classifier saw:
                the sample is a digit at all (the share of samples whose top class probability >= THRESHOLD).
 
 Writes hacking_<settings>.json and .md to --out (bench/results/).
-Run (the README's figures): .venv/bin/python bench/hacking.py --settings alignment --steps 80 --lr 1e-3 --kl-coef 1
+Run (the README's figures): .venv/bin/python bench/hacking.py --settings alignment --steps 80 --lr 1e-3 --kl-coef 3 \
+                                --diversity-floor 0.75 --val-seeds 16
                             .venv/bin/python bench/hacking.py --settings adversarial --lr 3e-4 --kl-coef 1 3
 """
 import argparse
