@@ -10,6 +10,7 @@ import math
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
+import comfy.supported_models
 import comfy.utils
 import torch
 
@@ -91,9 +92,11 @@ def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, d
 
 
 def base_model_version(model):
-    """kohya's `ss_base_model_version` for a ComfyUI model."""
-    name = type(model.model.model_config).__name__
-    return {"SDXL": "sdxl_base_v1-0", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2"}.get(name, "sd_v1")
+    """kohya's `ss_base_model_version` for a ComfyUI model (its distilled and variant families included)."""
+    config = model.model.model_config
+    if isinstance(config, comfy.supported_models.SDXL):  # also SSD-1B, Segmind Vega, KOALA
+        return "sdxl_base_v1-0"
+    return "sd_v2" if isinstance(config, comfy.supported_models.SD20) else "sd_v1"
 
 
 def batch_conditioning(conds):
