@@ -49,6 +49,23 @@ def is_sdxl_checkpoint(path):
         return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
 
 
+def native_size(model):
+    """The resolution a model was made for: the UNet's sample size times the VAE's downscaling for a
+    diffusers folder (SD1.5 512, SD2 768, SDXL 1024), 1024 for an SDXL file, else 512; digits: 16."""
+    if model == "digits":
+        from . import digits
+        return digits.SIZE
+    if os.path.isdir(model):
+        try:
+            with open(os.path.join(model, "unet", "config.json")) as f:
+                sample_size = json.load(f)["sample_size"]
+            with open(os.path.join(model, "vae", "config.json")) as f:
+                return sample_size * 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        except (OSError, KeyError, TypeError, ValueError):
+            return TRAIN_DEFAULTS.width
+    return 1024 if os.path.isfile(model) and is_sdxl_checkpoint(model) else TRAIN_DEFAULTS.width
+
+
 def load_backend(args):
     """The bundled digit model (`--model digits`) or a local diffusers pipeline, as a training backend."""
     if args.model == "digits":
@@ -99,8 +116,8 @@ def add_model_arguments(p):
     p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x/SDXL checkpoint, or "
                    "'digits' for the bundled digit model")
     p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
-    p.add_argument("--width", type=int, help=f"default: {TRAIN_DEFAULTS.width}, or 16 for --model digits")
-    p.add_argument("--height", type=int, help=f"default: {TRAIN_DEFAULTS.height}, or 16 for --model digits")
+    p.add_argument("--width", type=int, help="default: the model's own resolution (see native_size)")
+    p.add_argument("--height", type=int, help="default: the model's own resolution (see native_size)")
     add_reward_arguments(p)
     p.add_argument("--judge", action="append", metavar="FAMILY[=PATH[,EXTRA]]",
                    help="an independent reward to watch on held-out samples (repeatable), e.g. 'saturation', "
@@ -306,10 +323,8 @@ def main(argv=None):
     demo.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("train", "sweep"):
-        from . import digits
-        size = digits.SIZE if args.model == "digits" else None  # the size the digit model was trained at
-        args.width = args.width or size or TRAIN_DEFAULTS.width
-        args.height = args.height or size or TRAIN_DEFAULTS.height
+        size = native_size(args.model)
+        args.width, args.height = args.width or size, args.height or size
     if args.command == "train":
         train(args)
     elif args.command == "sweep":

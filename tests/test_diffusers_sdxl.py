@@ -1,5 +1,6 @@
 """SDXL outside ComfyUI: the diffusers backend against diffusers' own SDXL pipeline, LoRA names against
 ComfyUI's ldm mapping, and LoRA files through diffusers' own loader."""
+import json
 import os
 
 import pytest
@@ -80,9 +81,12 @@ def test_cli_trains_an_sdxl_pipeline_folder(tmp_path):
     tiny_sdxl_pipeline(tmp_path).save_pretrained(tmp_path / "sdxl")
     out = tmp_path / "lora.safetensors"
     result = run_cli("train", "--model", str(tmp_path / "sdxl"), "--reward", "brightness", "--prompts", "a cat",
-                     "--steps", "1", "--sampling-steps", "3", "--width", "16", "--height", "16", "--out", str(out))
+                     "--steps", "1", "--sampling-steps", "3", "--out", str(out))
     assert "step 1/1" in result.stdout and os.path.exists(out)
-    assert any(k.startswith("lora_unet_input_blocks_") for k in load_kohya_file(out)[0])
+    state_dict, metadata = load_kohya_file(out)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in state_dict)
+    # No --width/--height: the model's own resolution, UNet sample size 8 x the VAE's factor 2.
+    assert json.loads(metadata["comfy_draft_config"])["width"] == 16
 
 
 def test_single_file_checkpoints_are_told_apart_by_their_second_text_encoder(tmp_path):
