@@ -11,13 +11,7 @@ import torch.nn.functional as F
 
 from .base import Reward, frozen
 from .files import RewardFileError, load_state_dict, require_keys, strip_prefix, unwrap
-from .preprocess import (
-    CLIP_MEAN,
-    CLIP_STD,
-    normalize,
-    resize_center_crop,
-    resize_longest_pad,
-)
+from .preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_center_crop, resize_longest_pad
 
 CLIP_FILE = ("a CLIP checkpoint (an open_clip/OpenAI state dict or TorchScript .pt, an HPSv2 .pt, "
              "a ComfyUI clip_vision .safetensors, or a Hugging Face CLIPModel folder)")
