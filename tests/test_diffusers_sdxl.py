@@ -5,12 +5,7 @@ import os
 
 import pytest
 import torch
-from tiny_diffusers import (
-    TINY_SDXL_LAYERS,
-    TINY_SDXL_TRANSFORMERS,
-    sd_scheduler,
-    tiny_sdxl_pipeline,
-)
+from tiny_diffusers import TINY_SDXL_LAYERS, TINY_SDXL_TRANSFORMERS, sd_scheduler, tiny_sdxl_pipeline
 
 from comfy_draft import rewards
 from comfy_draft.backends.diffusers import TrainingBackend
