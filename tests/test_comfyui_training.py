@@ -25,8 +25,10 @@ def outputs(model_patcher, x, sigma, cond):
         return model_patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
 
 
-def test_a_model_without_a_file_to_reload_is_refused_clearly(comfyui, tiny_sd15):
-    """Custom loaders build models from state dicts, leaving ComfyUI nothing to make a fresh copy from."""
+@pytest.mark.slow
+def test_a_model_from_a_custom_loader_trains_from_an_in_memory_copy_with_its_patches_applied_once(comfyui, tiny_sd15):
+    """Custom loaders build models from state dicts, leaving ComfyUI no file to reload a fresh copy from."""
+    import comfy.model_management
     import comfy.sd
     import comfy.utils
     from comfy_draft.backends.comfyui import TrainingBackend
@@ -34,8 +36,29 @@ def test_a_model_without_a_file_to_reload_is_refused_clearly(comfyui, tiny_sd15)
     sd = comfy.utils.load_torch_file(str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_state_dict_guess_config(sd)[:3]
-    with pytest.raises(ValueError, match="CheckpointLoaderSimple or UNETLoader"):
-        TrainingBackend(model, clip, vae)
+        patched = model.clone()  # a weight patch on top (as model merges add), applied in place when loaded
+        key, weight = next((k, w) for k, w in patched.model_state_dict().items() if k.endswith("attn2.to_k.weight"))
+        patched.add_patches({key: (torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)),)}, 0.5)
+    assert model.cached_patcher_init is None
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma, cond = torch.tensor([2.0]), torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        base, reference = outputs(model, x, sigma, cond), outputs(patched, x, sigma, cond)  # now patched in place
+    backend = TrainingBackend(patched, clip, vae)
+    backend.add_loras(rank=4)  # zero-initialised: the model itself
+    with torch.inference_mode():
+        ours = outputs(backend.model, x, sigma, cond)
+    comfy.model_management.unload_all_models()
+    assert (reference - base).abs().max() > 1e-3 * reference.abs().max()
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+    config = TrainConfig(prompts=["a red apple"], variant="draft-k", grad_steps=1, steps=1, sampling_steps=3,
+                         cfg=3.0, width=64, height=64, batch_size=1, lr=0.05, seed=0)
+    trainer = Trainer(backend, rewards.builtin_reward("brightness"), config)
+    with torch.inference_mode():
+        trainer.train()  # the copy's weights are normal tensors: autograd may save them
+    assert all(lora.up.abs().sum() > 0 for lora in trainer.loras.values())
 
 
 @pytest.mark.slow

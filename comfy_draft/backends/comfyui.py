@@ -7,6 +7,7 @@ import copy
 import functools
 import math
 
+import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
@@ -147,6 +148,22 @@ class SamplingBackend:
         return self.vae.decode(self.latent_format.process_out(x0)).movedim(-1, 1).to(x0.device)
 
 
+def trainable_copy(model):
+    """A clone of a MODEL (same patches, hooks, options) with its own weights made outside inference mode.
+
+    Reloaded from its file when the loader recorded one, as ComfyUI's TrainLoraNode does; otherwise
+    (custom loaders) deep-copied from the unpatched weights in memory, as ComfyUI's multi-GPU cloning
+    does, so that the clone's patches are applied once, not on top of already patched weights.
+    """
+    if model.cached_patcher_init is not None:
+        return model.clone(force_deepcopy=True)
+    comfy.model_management.unload_model_and_clones(model)  # puts the unpatched weights back
+    config = model.model.model_config  # shared: ComfyUI's config objects answer None to any attribute, deepcopy's too
+    clone = model.clone(model_override=(copy.deepcopy(model.model, {id(config): config}), ({}, {}, {}, set())))
+    clone.hook_backup = {}
+    return clone
+
+
 class TrainingBackend(SamplingBackend):
     """A ComfyUI MODEL + CLIP + VAE for `Trainer`.
 
@@ -158,12 +175,8 @@ class TrainingBackend(SamplingBackend):
 
     def __init__(self, model, clip, vae):
         check_model(model)
-        if model.cached_patcher_init is None:
-            raise ValueError("DRaFT trains a fresh copy of the model, reloaded from its file as ComfyUI's own "
-                             "training does, but this MODEL's loader did not record its file: load it with "
-                             "CheckpointLoaderSimple or UNETLoader (Load Diffusion Model)")
         with torch.inference_mode(False):
-            model = model.clone(force_deepcopy=True)
+            model = trainable_copy(model)
             model.model.requires_grad_(False)
             vae_model = vae.first_stage_model  # copied without its encoder, which training never runs
             self.vae_model = copy.deepcopy(vae_model, {id(getattr(vae_model, "encoder", None)): None})
