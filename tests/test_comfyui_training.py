@@ -25,6 +25,20 @@ def outputs(model_patcher, x, sigma, cond):
         return model_patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
 
 
+def test_vae_decodes_in_comfyuis_dtype_under_fp16_autocast(comfyui, tiny_sd15_objects):
+    """ComfyUI never runs SD VAEs in fp16 (they overflow); fp16 training autocast must not either."""
+    from comfy_draft.backends.comfyui import TrainingBackend
+
+    backend = TrainingBackend(*tiny_sd15_objects)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = backend.decode(z)
+        with torch.autocast("cpu", dtype=torch.float16):
+            ours = backend.decode(z)
+    assert backend.vae_dtype == torch.float32  # ComfyUI's choice on this CPU
+    torch.testing.assert_close(ours, exact, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_a_model_from_a_custom_loader_trains_from_an_in_memory_copy_with_its_patches_applied_once(comfyui, tiny_sd15):
     """Custom loaders build models from state dicts, leaving ComfyUI no file to reload a fresh copy from."""

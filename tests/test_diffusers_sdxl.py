@@ -95,3 +95,16 @@ def test_single_file_checkpoints_are_told_apart_by_their_second_text_encoder(tmp
                "model.diffusion_model.out.2.weight": torch.ones(4)}, str(tmp_path / "sd15.safetensors"))
     assert is_sdxl_checkpoint(str(tmp_path / "sdxl.safetensors"))
     assert not is_sdxl_checkpoint(str(tmp_path / "sd15.safetensors"))
+
+
+def test_sdxl_vae_decodes_in_float32_under_fp16_autocast(tmp_path):
+    """SDXL's VAE (force_upcast) overflows in fp16; diffusers decodes it in float32, and so does training."""
+    backend = TrainingBackend.from_pipeline(tiny_sdxl_pipeline(tmp_path), device="cpu")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = backend.decode(z)
+        with torch.autocast("cpu", dtype=torch.float16):
+            ours = backend.decode(z)
+            half = ((backend.vae.decode(z / backend.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    assert (half.float() - exact).abs().max() > 1e-4  # what fp16 would have given
+    torch.testing.assert_close(ours, exact, rtol=0, atol=1e-6)

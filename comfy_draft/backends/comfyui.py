@@ -212,5 +212,7 @@ class TrainingBackend(SamplingBackend):
         self.vae_model.to(self.device)
 
         def decode(latent):
-            return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
+            # In ComfyUI's dtype for this VAE (never fp16 for SD VAEs, which overflow in it), whatever the autocast.
+            with torch.autocast(self.device.type, enabled=False):
+                return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
         return ((checkpointed(decode, x0, enabled=checkpoint) + 1) / 2).clamp(0, 1)

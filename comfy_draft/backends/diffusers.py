@@ -204,9 +204,18 @@ class TrainingBackend:
         if self.vae is None:  # pixel space; grey images become RGB for the rewards
             images = x0.expand(-1, 3, -1, -1) if x0.shape[1] == 1 else x0
         else:
-            images = checkpointed(lambda z: self.vae.decode(z / self.vae.config.scaling_factor).sample, x0,
-                                  enabled=checkpoint)
+            images = checkpointed(self.vae_decode, x0, enabled=checkpoint)
         return ((images + 1) / 2).clamp(0, 1)
+
+    def vae_decode(self, latent):
+        z = latent / self.vae.config.scaling_factor
+        device = z.device.type
+        if (self.vae.config.force_upcast and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.float16):
+            # VAEs marked force_upcast (SDXL's) overflow in fp16: decode in float32, as diffusers does.
+            with torch.autocast(device, enabled=False):
+                return self.vae.float().decode(z.float()).sample
+        return self.vae.decode(z).sample
 
 
 def select(cond, i, device):
