@@ -9,6 +9,7 @@ from .trainer import VARIANTS, TrainConfig, Trainer
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_pipeline(path, config=None, device=None):
@@ -33,8 +34,8 @@ def load_pipeline(path, config=None, device=None):
             pipe = cls.from_single_file(path, config=config, local_files_only=True, **({} if xl else sd_only))
         except Exception as e:  # diffusers wants the model's config folder, which it would otherwise download
             raise SystemExit(f"could not load {path} as a single-file {'SDXL' if xl else 'SD1.x/SD2.x'} checkpoint "
-                             f"without the hub ({e}); pass --config with a local diffusers folder of the same "
-                             f"model type") from e
+                             f"without the hub ({e}); pass --comfyui with a ComfyUI folder, or --config with a "
+                             f"local diffusers folder of the same model type") from e
     else:
         raise SystemExit(f"model not found: {path}")
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,11 +67,47 @@ def native_size(model):
     return 1024 if os.path.isfile(model) and is_sdxl_checkpoint(model) else TRAIN_DEFAULTS.width
 
 
+def comfyui_dir(given=None):
+    """A ComfyUI folder for single-file checkpoints: `--comfyui`, $COMFYUI_DIR, or the ComfyUI this pack
+    is installed in (ComfyUI/custom_nodes/<pack>)."""
+    if given:
+        if not os.path.isfile(os.path.join(given, "comfy", "sd.py")):
+            raise SystemExit(f"--comfyui {given}: not a ComfyUI folder (no comfy/sd.py)")
+        return given
+    for candidate in (os.environ.get("COMFYUI_DIR"), os.path.dirname(os.path.dirname(PACK_DIR))):
+        if candidate and os.path.isfile(os.path.join(candidate, "comfy", "sd.py")):
+            return candidate
+    return None
+
+
+def load_comfyui_backend(path, comfy_dir, device=None):
+    """A single-file checkpoint through ComfyUI's own loader (whatever ComfyUI recognises; no configs
+    needed), trained through the ComfyUI backend exactly as the DRaFTTrainLoRA node trains."""
+    sys.path.insert(0, os.path.abspath(comfy_dir))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = device == "cpu"  # read when comfy.model_management is first imported
+    import comfy.sd
+
+    from .backends.comfyui import TrainingBackend
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(path)[:3]
+        if clip is None or vae is None:
+            raise ValueError(f"{path} has no text encoder or VAE: give a full checkpoint")
+        return TrainingBackend(model, clip, vae)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: ComfyUI could not load {path} for training: {e}") from None
+
+
 def load_backend(args):
-    """The bundled digit model (`--model digits`) or a local diffusers pipeline, as a training backend."""
+    """The bundled digit model (`--model digits`), a single-file checkpoint through ComfyUI's loader when
+    a ComfyUI is at hand (and no --config), or a local diffusers pipeline, as a training backend."""
     if args.model == "digits":
         from . import digits
         return digits.load_backend(args.device or "cpu")
+    if os.path.isfile(args.model) and not args.config:
+        comfy_dir = comfyui_dir(args.comfyui)
+        if comfy_dir:
+            return load_comfyui_backend(args.model, comfy_dir, args.device)
     from .backends.diffusers import TrainingBackend
     return TrainingBackend.from_pipeline(load_pipeline(args.model, args.config, args.device))
 
@@ -115,7 +152,10 @@ def parse_judges(specs):
 def add_model_arguments(p):
     p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x/SDXL checkpoint, or "
                    "'digits' for the bundled digit model")
-    p.add_argument("--config", help="local diffusers folder describing a single-file checkpoint")
+    p.add_argument("--config", help="a single-file checkpoint through diffusers: the local diffusers folder "
+                   "describing it (without it, a single file loads through ComfyUI's loader)")
+    p.add_argument("--comfyui", help="ComfyUI folder whose loader reads single-file checkpoints (default: "
+                   "$COMFYUI_DIR, or the ComfyUI this pack is installed in)")
     p.add_argument("--width", type=int, help="default: the model's own resolution (see native_size)")
     p.add_argument("--height", type=int, help="default: the model's own resolution (see native_size)")
     add_reward_arguments(p)

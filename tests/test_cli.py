@@ -113,3 +113,22 @@ def test_cli_scores_image_files(tmp_path):
     refused = run_cli("score", "--reward", "imagenet_classifier", "--reward-file", str(tmp_path / "resnet50.pth"),
                       "--reward-text", "tabby cat", str(tmp_path / "dark.png"), check=False)
     assert refused.returncode and "resnet50.pth" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, comfyui, tiny_sd15):
+    from comfyui_harness import COMFY_DIR
+
+    checkpoint = str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15))
+    out = tmp_path / "apple.safetensors"
+    common = ["--model", checkpoint, "--device", "cpu", "--reward", "brightness", "--prompts", "a red apple",
+              "--out", str(out)]
+    result = run_cli("train", *common, "--comfyui", str(COMFY_DIR), "--variant", "draft-k", "--steps", "2",
+                     "--sampling-steps", "3", "--width", "64", "--height", "64", "--batch-size", "1")
+    assert "step 2/2" in result.stdout
+    state_dict, metadata = load_kohya_file(out)
+    assert metadata["ss_base_model_version"] == "sd_v1"  # ComfyUI detected the checkpoint's type itself
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in state_dict
+
+    refused = run_cli("train", *common, "--overwrite", "--comfyui", str(tmp_path), check=False)
+    assert refused.returncode and "not a ComfyUI folder" in refused.stderr
