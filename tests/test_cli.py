@@ -121,7 +121,7 @@ def test_cli_trains_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, c
 
     checkpoint = str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15))
     out = tmp_path / "apple.safetensors"
-    common = ["--model", checkpoint, "--device", "cpu", "--reward", "brightness", "--prompts", "a red apple",
+    common = ["--model", checkpoint, "--reward", "brightness", "--prompts", "a red apple",
               "--out", str(out)]
     result = run_cli("train", *common, "--comfyui", str(COMFY_DIR), "--variant", "draft-k", "--steps", "2",
                      "--sampling-steps", "3", "--width", "64", "--height", "64", "--batch-size", "1")
