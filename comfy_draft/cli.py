@@ -46,8 +46,11 @@ def is_sdxl_checkpoint(path):
     if not path.endswith(".safetensors"):
         return False
     from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    try:
+        with safe_open(path, "pt") as f:
+            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except Exception:  # not readable as safetensors: the loader reports it properly
+        return False
 
 
 def native_size(model):
