@@ -100,7 +100,7 @@ def load_comfyui_backend(path, comfy_dir, device=None):
         if clip is None or vae is None:
             raise ValueError(f"{path} has no text encoder or VAE: give a full checkpoint")
         return TrainingBackend(model, clip, vae)
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # a damaged or unknown file: ComfyUI's loader says what it found
         raise SystemExit(f"error: ComfyUI could not load {path} for training: {e}") from None
 
 

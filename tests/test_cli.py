@@ -132,3 +132,7 @@ def test_cli_trains_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, c
 
     refused = run_cli("train", *common, "--overwrite", "--comfyui", str(tmp_path), check=False)
     assert refused.returncode and "not a ComfyUI folder" in refused.stderr
+    (tmp_path / "page.safetensors").write_text("<html>Sign in</html>")  # a download gone wrong
+    refused = run_cli("train", *common[:1], str(tmp_path / "page.safetensors"), *common[2:], "--overwrite",
+                      "--comfyui", str(COMFY_DIR), check=False)
+    assert refused.returncode and "could not load" in refused.stderr and "Traceback" not in refused.stderr
