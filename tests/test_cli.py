@@ -129,6 +129,11 @@ def test_cli_trains_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, c
     state_dict, metadata = load_kohya_file(out)
     assert metadata["ss_base_model_version"] == "sd_v1"  # ComfyUI detected the checkpoint's type itself
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in state_dict
+    run_cli("sweep", "--model", checkpoint, "--reward", "brightness", "--lora", str(out), "--prompts", "a red apple",
+            "--strengths", "0", "1", "--seeds", "1", "--sampling-steps", "3", "--width", "64", "--height", "64",
+            "--comfyui", str(COMFY_DIR), "--out", str(tmp_path / "sweep"))
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]
+    assert [r["strength"] for r in rows] == [0.0, 1.0] and rows[0]["reward"] != rows[1]["reward"]
 
     refused = run_cli("train", *common, "--overwrite", "--comfyui", str(tmp_path), check=False)
     assert refused.returncode and "not a ComfyUI folder" in refused.stderr
