@@ -99,7 +99,7 @@ def load_comfyui_backend(path, comfy_dir, device=None):
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(path)[:3]
         if clip is None or vae is None:
             raise ValueError(f"{path} has no text encoder or VAE: give a full checkpoint")
-        return TrainingBackend(model, clip, vae)
+        return TrainingBackend(model, clip, vae, copy_model=False)  # loaded here, outside inference mode
     except Exception as e:  # a damaged or unknown file: ComfyUI's loader says what it found
         raise SystemExit(f"error: ComfyUI could not load {path} for training: {e}") from None
 

@@ -37,6 +37,8 @@ def test_vae_decodes_in_comfyuis_dtype_under_fp16_autocast(comfyui, tiny_sd15_ob
             ours = backend.decode(z)
     assert backend.vae_dtype == torch.float32  # ComfyUI's choice on this CPU
     torch.testing.assert_close(ours, exact, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="outside torch.inference_mode"):  # a node's model must be copied
+        TrainingBackend(*tiny_sd15_objects, copy_model=False)
 
 
 @pytest.mark.slow

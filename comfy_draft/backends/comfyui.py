@@ -171,12 +171,17 @@ class TrainingBackend(SamplingBackend):
     backward, so training uses a fresh copy of the model (as ComfyUI's own TrainLoraNode does), a copy
     of the VAE decoder and cloned text conditioning. LoRAs attach as ModelPatcher weight wrappers,
     ComfyUI's own mechanism, so guidance, SDXL conds and other patches keep working.
+    `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and
+    uses it for nothing else (the command line): one copy of the weights instead of two.
     """
 
-    def __init__(self, model, clip, vae):
+    def __init__(self, model, clip, vae, copy_model=True):
         check_model(model)
+        if not copy_model and any(p.is_inference() for p in model.model.parameters()):
+            raise ValueError("copy_model=False needs a model loaded outside torch.inference_mode")
         with torch.inference_mode(False):
-            model = trainable_copy(model)
+            if copy_model:
+                model = trainable_copy(model)
             model.model.requires_grad_(False)
             vae_model = vae.first_stage_model  # copied without its encoder, which training never runs
             self.vae_model = copy.deepcopy(vae_model, {id(getattr(vae_model, "encoder", None)): None})
