@@ -302,7 +302,12 @@ class DRaFTTrainLoRA:
         validator = Validator(*validation) if validation is not None else None
         trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
                           [self.reporter(unique_id, training_steps)], checkpoint_path=state, validator=validator)
-        logging.info("DRaFT: %s", memory.describe(trainer.memory_estimate()))
+        held_out = validator.config.prompts if validator is not None else []
+        trainer.backend.encode([*config.prompts, config.negative_prompt, *held_out])  # CLIP's work done up front
+        estimate = trainer.memory_estimate()
+        logging.info("DRaFT: %s", memory.describe(estimate))
+        # ComfyUI frees memory for inference only: evict cached models (CLIP, other UNets) to make room.
+        comfy.model_management.free_memory(estimate["total"], trainer.backend.device)
         if resume_lora != "none":
             lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
