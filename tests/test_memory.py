@@ -1,4 +1,5 @@
 """The memory estimate against what autograd really keeps, and the memory options of the trainer."""
+import pytest
 import torch
 from test_trainer import config
 from tiny_diffusers import tiny_pixel_backend
@@ -18,6 +19,21 @@ def test_estimate_matches_the_tensors_a_step_saves_without_checkpointing(tmp_pat
                                       for t in [*m.parameters(), *m.buffers()])
     assert estimate["training"] == 16 * sum(p.numel() for p in trainer.params)
     assert "estimated peak memory" in memory.describe(estimate)
+
+
+@pytest.mark.parametrize("variant", ["draft-lv", "draft"])
+def test_estimate_matches_the_peak_of_a_checkpointed_step(tmp_path, variant):
+    """With checkpointing (the default), against the peak of live tensors through forward and backward,
+    recomputation included: a device-independent stand-in for a GPU's max_memory_allocated."""
+    from tensor_memory import PeakTensorMemory
+
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
+                      config(variant=variant, batch_size=2, width=32, height=32))
+    estimate = trainer.memory_estimate()["activations"]
+    with PeakTensorMemory() as measured:
+        trainer.micro_batch(torch.Generator().manual_seed(0))
+    print(f"{variant}: estimated {estimate / 2**20:.1f} MiB, peak {measured.peak / 2**20:.1f} MiB")
+    assert 0.8 < estimate / measured.peak < 1.25
 
 
 def test_checkpointing_lowers_the_estimate_and_keeps_only_inputs(tmp_path):
