@@ -1,6 +1,7 @@
 """SDXL through the same ComfyUI machinery: ComfyUI's own SDXL model class (pooled text and size
 conditioning through the ADM input, SDXL latent format, ldm module names) with a tiny UNet."""
 import logging
+import math
 
 import pytest
 import torch
@@ -95,3 +96,23 @@ def test_sdxl_lora_has_kohya_ldm_names_and_loads_in_comfyui(comfyui, sdxl_object
           f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
     assert (ours - base).abs().max() > 1e-3 * scale
     assert (theirs - ours).abs().max() <= 1e-3 * scale
+
+
+@pytest.mark.slow
+def test_sdxl_through_the_train_node(comfyui, sdxl_objects):
+    """The node's own path on SDXL: prompts encoded up front, memory freed, an SDXL LoRA file, the
+    returned MODEL patched by ComfyUI's loader."""
+    model, clip, vae = sdxl_objects
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
+    with torch.inference_mode():
+        out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), "\n".join(PROMPTS), "",
+                         variant="draft-lv", k=1, lv_samples=2, training_steps=2, sampling_steps=3, cfg=5.0, width=64,
+                         height=64, batch_size=1, learning_rate=0.05, rank=4, seed=0, save_every=0,
+                         lora_name="draft_sdxl_node")
+    patched, path, curve, final_reward = out["result"]
+    state_dict, metadata = load_kohya_file(path)
+    assert metadata["ss_base_model_version"].startswith("sdxl") and metadata["comfy_draft_steps"] == "2"
+    assert all(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"))
+               for k in state_dict)
+    assert len(patched.patches) == len({k.rsplit(".", 2)[0] for k in state_dict})
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and math.isfinite(final_reward)
