@@ -1,121 +1,22 @@
-"""Command line: `python -m comfy_draft train ...` with a local diffusers pipeline (no hub)."""
+"""Command line: `python -m comfy_draft train | sweep | score | demo` (nothing is downloaded)."""
 import argparse
 import dataclasses
 import json
 import os
 import sys
 
+from . import loading
 from .trainer import VARIANTS, TrainConfig, Trainer
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_pipeline(path, config=None, device=None):
-    """A StableDiffusionPipeline (SD1.x / SD2.x) or StableDiffusionXLPipeline from a local folder or a
-    single-file checkpoint."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sd_only = dict(safety_checker=None, requires_safety_checker=False)
-    if os.path.isdir(path):
-        index = os.path.join(path, "model_index.json")
-        xl = False
-        if os.path.isfile(index):
-            with open(index) as f:
-                xl = "XL" in json.load(f).get("_class_name", "")
-        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-        pipe = cls.from_pretrained(path, local_files_only=True, **({} if xl else sd_only))
-    elif os.path.isfile(path):
-        xl = is_sdxl_checkpoint(path)
-        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-        try:
-            pipe = cls.from_single_file(path, config=config, local_files_only=True, **({} if xl else sd_only))
-        except Exception as e:  # diffusers wants the model's config folder, which it would otherwise download
-            raise SystemExit(f"could not load {path} as a single-file {'SDXL' if xl else 'SD1.x/SD2.x'} checkpoint "
-                             f"without the hub ({e}); pass --comfyui with a ComfyUI folder, or --config with a "
-                             f"local diffusers folder of the same model type") from e
-    else:
-        raise SystemExit(f"model not found: {path}")
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def is_sdxl_checkpoint(path):
-    """An original-layout SDXL checkpoint has a second text encoder under conditioner.embedders.1."""
-    if not path.endswith(".safetensors"):
-        return False
-    from safetensors import safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-    except Exception:  # not readable as safetensors: the loader reports it properly
-        return False
-
-
-def native_size(model):
-    """The resolution a model was made for: the UNet's sample size times the VAE's downscaling for a
-    diffusers folder (SD1.5 512, SD2 768, SDXL 1024), 1024 for an SDXL file, else 512; digits: 16."""
-    if model == "digits":
-        from . import digits
-        return digits.SIZE
-    if os.path.isdir(model):
-        try:
-            with open(os.path.join(model, "unet", "config.json")) as f:
-                sample_size = json.load(f)["sample_size"]
-            with open(os.path.join(model, "vae", "config.json")) as f:
-                return sample_size * 2 ** (len(json.load(f)["block_out_channels"]) - 1)
-        except (OSError, KeyError, TypeError, ValueError):
-            return TRAIN_DEFAULTS.width
-    return 1024 if os.path.isfile(model) and is_sdxl_checkpoint(model) else TRAIN_DEFAULTS.width
-
-
-def comfyui_dir(given=None):
-    """A ComfyUI folder for single-file checkpoints: `--comfyui`, $COMFYUI_DIR, or the ComfyUI this pack
-    is installed in (ComfyUI/custom_nodes/<pack>)."""
-    if given:
-        if not os.path.isfile(os.path.join(given, "comfy", "sd.py")):
-            raise SystemExit(f"--comfyui {given}: not a ComfyUI folder (no comfy/sd.py)")
-        return given
-    for candidate in (os.environ.get("COMFYUI_DIR"), os.path.dirname(os.path.dirname(PACK_DIR))):
-        if candidate and os.path.isfile(os.path.join(candidate, "comfy", "sd.py")):
-            return candidate
-    return None
-
-
-def load_comfyui_backend(path, comfy_dir, device=None):
-    """A single-file checkpoint through ComfyUI's own loader (whatever ComfyUI recognises; no configs
-    needed), trained through the ComfyUI backend exactly as the DRaFTTrainLoRA node trains."""
-    import torch
-    sys.path.insert(0, os.path.abspath(comfy_dir))
-    import comfy.cli_args
-    # ComfyUI's --cpu, read when comfy.model_management is first imported; otherwise ComfyUI picks the GPU.
-    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    comfy.cli_args.args.cpu = device == "cpu" or (device is None and no_gpu)
-    import comfy.sd
-
-    from .backends.comfyui import TrainingBackend
-    try:
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(path)[:3]
-        if clip is None or vae is None:
-            raise ValueError(f"{path} has no text encoder or VAE: give a full checkpoint")
-        return TrainingBackend(model, clip, vae, copy_model=False)  # loaded here, outside inference mode
-    except Exception as e:  # a damaged or unknown file: ComfyUI's loader says what it found
-        raise SystemExit(f"error: ComfyUI could not load {path} for training: {e}") from None
 
 
 def load_backend(args):
-    """The bundled digit model (`--model digits`), a single-file checkpoint through ComfyUI's loader when
-    a ComfyUI is at hand (and no --config), or a local diffusers pipeline, as a training backend."""
-    if args.model == "digits":
-        from . import digits
-        return digits.load_backend(args.device or "cpu")
-    if os.path.isfile(args.model) and not args.config:
-        comfy_dir = comfyui_dir(args.comfyui)
-        if comfy_dir:
-            return load_comfyui_backend(args.model, comfy_dir, args.device)
-    from .backends.diffusers import TrainingBackend
-    return TrainingBackend.from_pipeline(load_pipeline(args.model, args.config, args.device))
+    try:
+        return loading.load_backend(args.model, args.config, args.comfyui, args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def reward_from(family, path=None, extra="", maximize=True):
@@ -369,7 +270,7 @@ def main(argv=None):
     demo.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("train", "sweep"):
-        size = native_size(args.model)
+        size = loading.native_size(args.model)
         args.width, args.height = args.width or size, args.height or size
     if args.command == "train":
         train(args)

@@ -87,7 +87,7 @@ def test_cli_trains_an_sdxl_pipeline_folder(tmp_path):
 def test_single_file_checkpoints_are_told_apart_by_their_second_text_encoder(tmp_path):
     from safetensors.torch import save_file
 
-    from comfy_draft.cli import is_sdxl_checkpoint
+    from comfy_draft.loading import is_sdxl_checkpoint
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
                "model.diffusion_model.out.2.weight": torch.ones(4)}, str(tmp_path / "sdxl.safetensors"))
