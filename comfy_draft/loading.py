@@ -86,10 +86,11 @@ def load_comfyui_backend(path, comfy_dir, device=None):
     needed), trained through the ComfyUI backend exactly as the DRaFTTrainLoRA node trains."""
     import torch
     sys.path.insert(0, os.path.abspath(comfy_dir))
-    import comfy.cli_args
-    # ComfyUI's --cpu, read when comfy.model_management is first imported; otherwise ComfyUI picks the GPU.
-    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    comfy.cli_args.args.cpu = device == "cpu" or (device is None and no_gpu)
+    if "comfy.model_management" not in sys.modules:  # ComfyUI not started yet (by us or a host process)
+        import comfy.cli_args
+        # ComfyUI's --cpu, read when comfy.model_management is first imported; else ComfyUI picks the GPU.
+        no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        comfy.cli_args.args.cpu = device == "cpu" or (device is None and no_gpu)
     import comfy.sd
 
     from .backends.comfyui import TrainingBackend
