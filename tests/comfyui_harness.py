@@ -170,3 +170,22 @@ class ComfyServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log.close()
+
+
+def model_outputs(model_patcher, x, sigma, cond, **conds):
+    """x0 predictions of a ComfyUI MODEL (loaded and patched by ComfyUI), e.g. `y=` SDXL's ADM input."""
+    import comfy.model_management
+    import torch
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    with torch.no_grad():
+        return model_patcher.model.apply_model(x, sigma, c_crossattn=cond, **conds).float()
+
+
+def assert_loraloader_reproduces(ours, theirs, base, label=""):
+    """The trained model (`ours`) differs from the base, and ComfyUI's LoraLoader result (`theirs`)
+    equals it to 1e-3 of the largest output."""
+    scale = ours.abs().max()
+    print(f"{label}max |LoRA effect| {(ours - base).abs().max() / scale:.2e}, "
+          f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
+    assert (ours - base).abs().max() > 1e-3 * scale
+    assert (theirs - ours).abs().max() <= 1e-3 * scale

@@ -3,6 +3,7 @@ import logging
 
 import pytest
 import torch
+from comfyui_harness import assert_loraloader_reproduces, model_outputs
 
 from comfy_draft import rewards
 from comfy_draft.lora import load_kohya_file
@@ -16,13 +17,6 @@ def tiny_sd15_objects(comfyui, tiny_sd15):
     with torch.inference_mode():
         return comfy.sd.load_checkpoint_guess_config(
             str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
-
-
-def outputs(model_patcher, x, sigma, cond):
-    import comfy.model_management
-    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
-    with torch.no_grad():
-        return model_patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
 
 
 def test_vae_decodes_in_comfyuis_dtype_under_fp16_autocast(comfyui, tiny_sd15_objects):
@@ -60,11 +54,12 @@ def test_a_model_from_a_custom_loader_trains_from_an_in_memory_copy_with_its_pat
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma, cond = torch.tensor([2.0]), torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        base, reference = outputs(model, x, sigma, cond), outputs(patched, x, sigma, cond)  # now patched in place
+        base = model_outputs(model, x, sigma, cond)
+        reference = model_outputs(patched, x, sigma, cond)  # now patched in place
     backend = TrainingBackend(patched, clip, vae)
     backend.add_loras(rank=4)  # zero-initialised: the model itself
     with torch.inference_mode():
-        ours = outputs(backend.model, x, sigma, cond)
+        ours = model_outputs(backend.model, x, sigma, cond)
     comfy.model_management.unload_all_models()
     assert (reference - base).abs().max() > 1e-3 * reference.abs().max()
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
@@ -109,12 +104,8 @@ def test_trained_lora_loads_in_comfyui_and_reproduces_the_training_model(comfyui
     sigma = torch.tensor([3.0, 3.0])
     cond = backend.encode(["a red apple", "a blue car"])[0][0]
     with torch.inference_mode():
-        ours = outputs(backend.model, x, sigma, cond)
-        theirs = outputs(patched, x, sigma, cond)
-        base = outputs(model, x, sigma, cond)
+        ours = model_outputs(backend.model, x, sigma, cond)
+        theirs = model_outputs(patched, x, sigma, cond)
+        base = model_outputs(model, x, sigma, cond)
     comfy.model_management.unload_all_models()
-    scale = ours.abs().max()
-    print(f"max |LoRA effect| {(ours - base).abs().max() / scale:.2e}, "
-          f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
-    assert (ours - base).abs().max() > 1e-3 * scale
-    assert (theirs - ours).abs().max() <= 1e-3 * scale
+    assert_loraloader_reproduces(ours, theirs, base)

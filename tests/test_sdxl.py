@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from comfyui_harness import assert_loraloader_reproduces, model_outputs
 from tiny_models import SDXLTextStandIn, tiny_sdxl
 
 from comfy_draft import rewards
@@ -82,20 +83,10 @@ def test_sdxl_lora_has_kohya_ldm_names_and_loads_in_comfyui(comfyui, sdxl_object
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3.0, 3.0])
     cond, y = torch.randn(2, 77, 2048, generator=g), torch.randn(2, 2816, generator=g)
-
-    def outputs(patcher):
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        with torch.no_grad():
-            return patcher.model.apply_model(x, sigma, c_crossattn=cond, y=y).float()
-
     with torch.inference_mode():
-        ours, theirs, base = outputs(backend.model), outputs(patched), outputs(model)
+        ours, theirs, base = (model_outputs(m, x, sigma, cond, y=y) for m in (backend.model, patched, model))
     comfy.model_management.unload_all_models()
-    scale = ours.abs().max()
-    print(f"SDXL: max |LoRA effect| {(ours - base).abs().max() / scale:.2e}, "
-          f"max |LoraLoader - trained| {(theirs - ours).abs().max() / scale:.2e} (relative to max |output|)")
-    assert (ours - base).abs().max() > 1e-3 * scale
-    assert (theirs - ours).abs().max() <= 1e-3 * scale
+    assert_loraloader_reproduces(ours, theirs, base, "SDXL: ")
 
 
 @pytest.mark.slow
