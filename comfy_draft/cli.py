@@ -63,8 +63,8 @@ def add_model_arguments(p):
                    "describing it (without it, a single file loads through ComfyUI's loader)")
     p.add_argument("--comfyui", help="ComfyUI folder whose loader reads single-file checkpoints (default: "
                    "$COMFYUI_DIR, or the ComfyUI this pack is installed in)")
-    p.add_argument("--width", type=int, help="default: the model's own resolution (see native_size)")
-    p.add_argument("--height", type=int, help="default: the model's own resolution (see native_size)")
+    p.add_argument("--width", type=int, help="default: the model's own (SD1.5 512, SD2 768, SDXL 1024, digits 16)")
+    p.add_argument("--height", type=int, help="default: the model's own (SD1.5 512, SD2 768, SDXL 1024, digits 16)")
     add_reward_arguments(p)
     p.add_argument("--judge", action="append", metavar="FAMILY[=PATH[,EXTRA]]",
                    help="an independent reward to watch on held-out samples (repeatable), e.g. 'saturation', "

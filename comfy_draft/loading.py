@@ -85,7 +85,8 @@ def load_comfyui_backend(path, comfy_dir, device=None):
     """A single-file checkpoint through ComfyUI's own loader (whatever ComfyUI recognises; no configs
     needed), trained through the ComfyUI backend exactly as the DRaFTTrainLoRA node trains."""
     import torch
-    sys.path.insert(0, os.path.abspath(comfy_dir))
+    if os.path.abspath(comfy_dir) not in sys.path:
+        sys.path.insert(0, os.path.abspath(comfy_dir))
     if "comfy.model_management" not in sys.modules:  # ComfyUI not started yet (by us or a host process)
         import comfy.cli_args
         # ComfyUI's --cpu, read when comfy.model_management is first imported; else ComfyUI picks the GPU.
