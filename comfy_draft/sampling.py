@@ -80,8 +80,8 @@ def denoise(model, x, sigma, extra_args, checkpoint=False):
                         enabled=checkpoint)
 
 
-def checkpointed(fn, *args, enabled=True):
-    """fn(*args), keeping only its inputs for backward and recomputing the rest (when grad is on)."""
+def checkpointed(fn, *args, enabled=True, **kwargs):
+    """fn(*args, **kwargs), keeping only its inputs for backward and recomputing the rest (when grad is on)."""
     if enabled and torch.is_grad_enabled():
-        return _checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+        return _checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)

@@ -13,7 +13,9 @@ Variants (Clark et al. 2024, and the neighbours the paper unifies):
   refl       stop at a random step among the last quarter, one differentiated step, reward on x0_hat
 """
 import contextlib
+import copy
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -25,6 +27,8 @@ from .lora import atomic_write, digest
 from .sampling import check_grad_steps, denoise_renoised, sample_ddim
 
 VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")
+MAX_SKIPPED = 20          # fp16 overflows in a row before training stops (the scale then fell by 2^20)
+ZERO_GRADIENT_STEPS = 3   # steps without any gradient before the trainer warns
 
 
 @dataclasses.dataclass
@@ -81,17 +85,35 @@ def step_generator(seed, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def autocast_dtype(precision, device):
+def autocast_dtype(precision, device, native=torch.float32):
+    """The autocast dtype of `precision` (None: fp32). `auto` is fp32 off CUDA; on CUDA, as ComfyUI's trainer
+    decides, the model's native compute dtype when that is fp16 (autocasting fp16 weights to bf16 re-casts every
+    weight on every op), else bf16 where the card runs it natively, else fp16 (T4, V100 and RTX 20xx only
+    emulate bf16, slowly, though `torch.cuda.is_bf16_supported()` says yes)."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if native == torch.float16 or not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def cast_copy(module, device, dtype=None):
+    """A copy of a frozen module on `device`, floating-point weights in `dtype`; the original is left as it is
+    (ComfyUI hands one reward object to every node that uses it)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    memo = {}
+    for t in tensors:
+        new = t.detach().to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+        memo[id(t)] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+    return copy.deepcopy(module, memo)
 
 
 def differentiable_samples(model, x, sigmas, config, g):
     """The variant's final predictions x0, each differentiable in the LoRA weights, and the
-    differentiated model calls as (input, sigma, prediction) for the regulariser."""
+    differentiated model calls as (input, sigma, prediction) for the regulariser. (The backend checkpoints
+    the model calls: `Backend.run`.)"""
     steps = len(sigmas) - 1
     k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
     if config.variant == "alignprop":
@@ -104,14 +126,14 @@ def differentiable_samples(model, x, sigmas, config, g):
         with torch.no_grad():
             x0 = sample_ddim(model, x, sigmas)
         noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
-        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=config.checkpointing)
+        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=False)
         return x0s, [(x0 + sigmas[-2] * eps, sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
     calls = []
 
     def record(d):
         if d["denoised"].requires_grad:
             calls.append((d["x"].detach(), d["sigma"], d["denoised"]))
-    x0 = sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=config.checkpointing, callback=record)
+    x0 = sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=False, callback=record)
     return [x0], calls
 
 
@@ -131,6 +153,9 @@ class Trainer:
 
     callbacks: functions called as `fn(metrics, images)` after every step (images: the step's decoded
     samples, detached, in [0, 1]); raising from one stops training after saving a checkpoint.
+    Precision: autocast to `autocast_dtype`; LoRA weights, their gradients and the optimizer stay float32; the
+    reward is scored by a private copy in that dtype. In fp16 a GradScaler skips steps whose gradient overflows
+    and lowers its scale (metrics["skipped"]); only a non-finite reward or MAX_SKIPPED skips in a row stop.
     validator: a `validation.Validator`; its `val_*` metrics join the metrics of the steps it validates,
     it may stop training early, and with keep-best the LoRA left at the end is the best validated one.
     """
@@ -145,13 +170,14 @@ class Trainer:
         self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
         self.params = list(self.loras.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.dtype = autocast_dtype(config.precision, backend.device)
+        self.dtype = autocast_dtype(config.precision, backend.device, backend.compute_dtype)
         self.scaler = torch.amp.GradScaler(backend.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
         self.history = []
-        self.reward.to(backend.device)
-        if self.dtype is not None:
-            self.reward.to(self.dtype)  # frozen: no float32 master copy needed, half the memory
+        self.warnings = []  # said once each, also to the log
+        self.skipped_in_a_row = 0
+        with torch.inference_mode(False):  # frozen: no float32 master copy needed, half the memory in bf16/fp16
+            self.reward = cast_copy(reward, backend.device, self.dtype)
 
     # ----- one step -----------------------------------------------------------------------------------
     def micro_batch(self, g):
@@ -173,7 +199,7 @@ class Trainer:
                        kl=penalty.detach().float(), images=images[0].detach().float().clamp(0, 1))
             return x0s[0].detach()
 
-        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps)
+        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=c.checkpointing)
         return out
 
     def for_reward(self, x0):
@@ -208,19 +234,42 @@ class Trainer:
         rewards = torch.cat([o["rewards"].flatten() for o in outs])
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
-        if not torch.isfinite(rewards).all() or not torch.isfinite(grad_norm):
+        # An fp16 overflow is the GradScaler's normal signal: it skips the step and lowers its scale.
+        skipped = self.scaler.is_enabled() and not torch.isfinite(grad_norm)
+        if not torch.isfinite(rewards).all() or not (torch.isfinite(grad_norm) or skipped):
             what = "reward" if not torch.isfinite(rewards).all() else "gradient"
             raise NonFiniteError(f"step {self.step + 1}: non-finite {what} ({rewards.tolist()[:4]}, grad norm "
                                  f"{grad_norm.item()}); the LoRA was not updated")
-        self.scaler.step(self.optimizer)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.skipped_in_a_row > MAX_SKIPPED:
+            raise NonFiniteError(f"step {self.step + 1}: the fp16 gradient overflowed {self.skipped_in_a_row} steps in "
+                                 f"a row (scale {self.scaler.get_scale():g}); train in bf16 or fp32 (precision)")
+        self.scaler.step(self.optimizer)  # a no-op when skipped
         self.scaler.update()
         self.step += 1
+        if skipped:
+            logging.warning("DRaFT: step %d skipped: the fp16 gradient overflowed; loss scale lowered to %g",
+                            self.step, self.scaler.get_scale())
         metrics = {"step": self.step, "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
                    "loss": sum(o["loss"].item() for o in outs) / len(outs), "grad_norm": grad_norm.item(),
-                   "kl": sum(o["kl"].item() for o in outs) / len(outs),
+                   "kl": sum(o["kl"].item() for o in outs) / len(outs), "skipped": int(skipped),
                    "seconds": time.perf_counter() - started}
         self.history.append(metrics)
+        self.check_gradient_reaches_loras()
         return metrics, outs[-1]["images"]
+
+    def check_gradient_reaches_loras(self):
+        """Warn once when the first steps' gradients are all exactly zero: nothing would ever train."""
+        if len(self.history) == min(ZERO_GRADIENT_STEPS, self.config.steps) and \
+                all(m["grad_norm"] == 0 for m in self.history):
+            self.warn(f"the reward's gradient was exactly zero in the first {len(self.history)} steps, so the LoRA does not "
+                      f"change: the decoded images may be saturated (all black or white: check the VAE and cfg) or "
+                      f"the reward is not differentiable")
+
+    def warn(self, message):
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logging.warning("DRaFT: %s", message)
 
     def validate(self):
         with torch.inference_mode(False):
@@ -232,16 +281,17 @@ class Trainer:
         the LoRA is then set to the best validated one (`self.kept_step`)."""
         v = self.validator
         try:
-            if v is not None and not v.history:
-                self.validate()  # the starting point (and the base model's diversity)
-            while self.step < self.config.steps and not (v is not None and v.should_stop()):
-                metrics, images = self.train_step()
-                if v is not None and v.due(self.step, self.config.steps):
-                    metrics.update(self.validate())
-                for callback in self.callbacks:
-                    callback(metrics, images)
-                if self.config.save_every and self.step % self.config.save_every == 0:
-                    self.save_checkpoint()
+            with self.backend.session():
+                if v is not None and not v.history:
+                    self.validate()  # the starting point (and the base model's diversity)
+                while self.step < self.config.steps and not (v is not None and v.should_stop()):
+                    metrics, images = self.train_step()
+                    if v is not None and v.due(self.step, self.config.steps):
+                        metrics.update(self.validate())
+                    for callback in self.callbacks:
+                        callback(metrics, images)
+                    if self.config.save_every and self.step % self.config.save_every == 0:
+                        self.save_checkpoint()
         except BaseException:
             self.save_checkpoint()
             raise

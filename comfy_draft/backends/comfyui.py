@@ -3,12 +3,14 @@
 Running `sample_ddim` as a `comfy.samplers.KSAMPLER` gives classifier-free guidance, SDXL's extra
 conds, hooks, other LoRAs and inpainting masks from ComfyUI itself, exactly as its KSampler does.
 """
+import contextlib
 import copy
 import functools
 import math
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.supported_models
@@ -148,35 +150,138 @@ class SamplingBackend:
         return self.vae.decode(self.latent_format.process_out(x0)).movedim(-1, 1).to(x0.device)
 
 
-def trainable_copy(model):
-    """A clone of a MODEL (same patches, hooks, options) with its own weights made outside inference mode.
+# What ComfyUI attaches to a module it has loaded for inference (model_patcher.py, ops.py): DynamicVRAM's native
+# handles and pins (raw pointers: a deepcopy would duplicate them and its finaliser free the original's memory),
+# lowvram bookkeeping and weight functions. A copy for training starts unloaded, without them.
+RUNTIME_STATE = {"dynamic_pins", "dynamic_vbars", "dynamic_patchers", "_pin_state", "_prefetch", "seed_key",
+                 "comfy_cast_weights", "prev_comfy_cast_weights", "comfy_patched_weights", "comfy_force_cast_weights",
+                 "model_lowvram", "lowvram_patch_counter", "model_loaded_weight_memory", "model_offload_buffer_memory",
+                 "current_weight_patches_uuid"}
 
-    Reloaded from its file when the loader recorded one, as ComfyUI's TrainLoraNode does; otherwise
-    (custom loaders) deep-copied from the unpatched weights in memory, as ComfyUI's multi-GPU cloning
-    does, so that the clone's patches are applied once, not on top of already patched weights.
+
+def is_runtime_state(name):
+    return name in RUNTIME_STATE or name == "_v" or name.startswith("_v_") or name.endswith("_function")
+
+
+def plain_copy(module, dtype=None, leave_out=(), memo=None):
+    """A copy of `module` for training, made from its tensors rather than by `copy.deepcopy`: parameters and
+    buffers cloned outside inference mode (floating-point ones cast to `dtype`, if given), submodules copied the
+    same way (those in `leave_out` become None), hooks and ComfyUI's runtime state left behind, any other
+    attribute (configs, latent formats) shared. Nothing native is duplicated, so the original stays intact."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+
+    def tensor(t):
+        if t is None:
+            return None
+        if id(t) not in memo:
+            if t.device.type == "meta":
+                raise ValueError(f"{type(module).__name__} holds weights ComfyUI has not loaded (meta tensors); "
+                                 "load the model with a core loader or start ComfyUI with --disable-dynamic-vram")
+            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            new = t.detach().to(dtype=cast, copy=True)
+            memo[id(t)] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+        return memo[id(t)]
+
+    clone = object.__new__(type(module))
+    memo[id(module)] = clone
+    for name, value in vars(module).items():
+        if is_runtime_state(name):
+            continue
+        if name in ("_parameters", "_buffers"):
+            value = type(value)((k, tensor(t)) for k, t in value.items())
+        elif name == "_modules":
+            value = type(value)((k, None if m is None or m in leave_out else plain_copy(m, dtype, leave_out, memo))
+                                for k, m in value.items())
+        elif "hooks" in name and isinstance(value, dict):
+            value = type(value)()
+        elif isinstance(value, (dict, list, set)):
+            value = copy.copy(value)
+        clone.__dict__[name] = value
+    return clone
+
+
+def trainable_copy(model):
+    """A plain (non-dynamic) clone of a MODEL (same patches, hooks, options) with weights of its own, made outside
+    inference mode and free of DynamicVRAM's native handles.
+
+    Reloaded from its file when the loader recorded how (`clone(disable_dynamic=True)`, ComfyUI's own non-dynamic
+    delegate); otherwise (custom loaders) a `plain_copy` of the unpatched weights in memory, so that the clone's
+    patches are applied once, not on top of already patched weights.
     """
     if model.cached_patcher_init is not None:
-        return model.clone(force_deepcopy=True)
+        return model.clone(disable_dynamic=True, force_deepcopy=True)
     comfy.model_management.unload_model_and_clones(model)  # puts the unpatched weights back
-    config = model.model.model_config  # shared: ComfyUI's config objects answer None to any attribute, deepcopy's too
-    clone = model.clone(model_override=(copy.deepcopy(model.model, {id(config): config}), ({}, {}, {}, set())))
+    clone = model.clone(disable_dynamic=True, model_override=(plain_copy(model.model), ({}, {}, {}, set())))
     clone.hook_backup = {}
     return clone
 
 
-class TrainingBackend(SamplingBackend):
-    """A ComfyUI MODEL + CLIP + VAE for `Trainer`.
+# Where ComfyUI lets other nodes wrap the sampling or the UNet call (comfy/patcher_extension.py).
+SAMPLING_WRAPPERS = ("outer_sample", "sampler_sample", "predict_noise", "calc_cond_batch", "apply_model",
+                     "diffusion_model")
+OWN_WRAPPER = "comfy_draft.training"
 
-    ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for
-    backward, so training uses a fresh copy of the model (as ComfyUI's own TrainLoraNode does), a copy
-    of the VAE decoder and cloned text conditioning. LoRAs attach as ModelPatcher weight wrappers,
-    ComfyUI's own mechanism, so guidance, SDXL conds and other patches keep working.
-    `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and
-    uses it for nothing else (the command line): one copy of the weights instead of two.
+
+def check_trainable(model):
+    """Raise, before any work, unless DRaFT can train LoRAs on `model` and differentiate its UNet calls."""
+    from ..lora import is_target
+
+    check_model(model)
+    stores = (model.wrappers, model.model_options.get("transformer_options", {}).get("wrappers", {}))
+    wrapped = sorted({f"{key} ({kind})" for store in stores for kind, by_key in store.items()
+                      if kind in SAMPLING_WRAPPERS for key, fns in by_key.items() if fns and key != OWN_WRAPPER})
+    if wrapped:
+        raise ValueError(f"this MODEL carries sampling wrappers that compile, cache or replace the UNet call "
+                         f"({', '.join(wrapped)}: TorchCompileModel, EasyCache, LazyCache, context windows and the "
+                         f"like), which training cannot differentiate; connect the MODEL from before those nodes")
+    if model.get_additional_models_with_key("multigpu"):
+        raise ValueError("this MODEL is set up for multi-GPU sampling; DRaFT trains on one device: connect the MODEL "
+                         "from before the multi-GPU node")
+    if not any(is_target(name) for name, _ in model.model.diffusion_model.named_modules()):
+        raise ValueError(f"{type(model.model).__name__} has no attention projections (to_q, to_k, to_v, to_out.0) "
+                         f"to attach LoRAs to; DRaFT trains the UNets of SD1.x, SD2.x and SDXL")
+
+
+def decode_dtype(vae):
+    """ComfyUI's dtype for this VAE, except fp16, in which SD and SDXL VAEs overflow (also under --fp16-vae)."""
+    return torch.float32 if vae.vae_dtype == torch.float16 else vae.vae_dtype
+
+
+def checkpoint_each_op(module):
+    """Checkpoint every Linear and Conv of `module` on its own: with offloaded weights ComfyUI casts each into a
+    shared buffer that the next layer overwrites, so backward must re-fetch a weight right before using it (the
+    recipe of ComfyUI's OffloadCheckpointFunction). Returns the modules, for `uncheckpoint`."""
+    ops = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                          torch.nn.Conv3d))]
+    for m in ops:
+        m.forward = functools.partial(checkpointed, type(m).forward.__get__(m))
+    return ops
+
+
+class TrainingBackend(SamplingBackend):
+    """A ComfyUI MODEL + CLIP + VAE for `Trainer` (see `backends.Backend`), on the contract of ComfyUI's own
+    trainer (comfy_extras/nodes_train.py):
+
+    - ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for backward, so
+      training uses a trainable copy of the model (`trainable_copy`: a plain, non-dynamic ModelPatcher) and a
+      `plain_copy` of the VAE decoder; text conditioning is cloned.
+    - LoRAs attach as ModelPatcher weight wrappers, so guidance, SDXL conds and other patches keep working.
+    - `session()` loads the UNet once for the whole run: fully when it fits, else offloaded with every
+      Linear/Conv checkpointed on its own (`offload`: None decides by free device memory). Each sampling call
+      prepares the model the same way (a prepare-sampling wrapper, as ComfyUI's TrainGuider does), so ComfyUI
+      never partially unloads it between steps.
+    - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
+      call: ComfyUI batches cond and uncond by the free memory of the moment, and a recompute must see the shapes
+      of its forward.
+
+    `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and uses it for
+    nothing else (the command line): one copy of the weights instead of two.
     """
 
-    def __init__(self, model, clip, vae, copy_model=True):
-        check_model(model)
+    def __init__(self, model, clip, vae, copy_model=True, offload=None):
+        check_trainable(model)
         if not copy_model and any(p.is_inference() for p in model.model.parameters()):
             raise ValueError("copy_model=False needs a model loaded outside torch.inference_mode")
         with torch.inference_mode(False):
@@ -184,12 +289,46 @@ class TrainingBackend(SamplingBackend):
                 model = trainable_copy(model)
             model.model.requires_grad_(False)
             vae_model = vae.first_stage_model  # copied without its encoder, which training never runs
-            self.vae_model = copy.deepcopy(vae_model, {id(getattr(vae_model, "encoder", None)): None})
+            self.vae_dtype = decode_dtype(vae)
+            self.vae_model = plain_copy(vae_model, self.vae_dtype, leave_out={getattr(vae_model, "encoder", None)})
             self.vae_model.requires_grad_(False).eval()
         super().__init__(model, clip, vae)
-        self.vae_dtype = vae.vae_dtype
         self.base_model_version = base_model_version(self.model)
+        self.compute_dtype = self.model.model.get_dtype_inference()
         self.loras = None
+        self.offload, self.offloaded, self.checkpointing = offload, False, False
+        self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, OWN_WRAPPER, self._prepare)
+        self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, OWN_WRAPPER, self._apply_model)
+
+    def _prepare(self, executor, model, noise_shape, conds, model_options=None, **kwargs):
+        return executor(model, noise_shape, conds, model_options=model_options,
+                        force_full_load=not self.offloaded, force_offload=self.offloaded)
+
+    def _apply_model(self, executor, *args, **kwargs):
+        return checkpointed(executor, *args, enabled=self.checkpointing, **kwargs)
+
+    @contextlib.contextmanager
+    def session(self):
+        self.offloaded = bool(self.offload)
+        if self.offload is None and self.device.type == "cuda":
+            size = self.model.model_size()
+            comfy.model_management.free_memory(size, self.device)  # evict cached models first
+            self.offloaded = size > comfy.model_management.get_free_memory(self.device)
+        comfy.model_management.load_models_gpu([self.model], memory_required=1e20 if self.offloaded else 0,
+                                               force_full_load=not self.offloaded)
+        ops = checkpoint_each_op(self.model.model.diffusion_model) if self.offloaded else []
+        try:
+            yield self
+        finally:
+            for m in ops:
+                del m.forward
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
+        self.checkpointing = checkpoint
+        try:
+            return super().run(fn, prompts, negative_prompt, cfg, noise, steps)
+        finally:
+            self.checkpointing = False
 
     def add_loras(self, rank, alpha=None, resnets=False):
         from ..lora import LoRASet, is_target, kohya_name
@@ -209,7 +348,6 @@ class TrainingBackend(SamplingBackend):
         return self.loras
 
     def modules(self):
-        """The modules whose weights sit on the device while training (for memory estimates)."""
         return [self.model.model.diffusion_model, self.vae_model]
 
     def decode(self, x0, checkpoint=True):
@@ -217,7 +355,7 @@ class TrainingBackend(SamplingBackend):
         self.vae_model.to(self.device)
 
         def decode(latent):
-            # In ComfyUI's dtype for this VAE (never fp16 for SD VAEs, which overflow in it), whatever the autocast.
+            # In the VAE's own dtype (never fp16, see `decode_dtype`), whatever the autocast.
             with torch.autocast(self.device.type, enabled=False):
                 return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
         return ((checkpointed(decode, x0, enabled=checkpoint) + 1) / 2).clamp(0, 1)

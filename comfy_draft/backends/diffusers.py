@@ -4,6 +4,9 @@ Used outside ComfyUI (Python, the command line) with the same sampler as the Com
 space follows k-diffusion / ComfyUI: x = x_vp / sqrt(alpha_bar) = x0 + sigma * eps,
 sigma = sqrt((1 - alpha_bar) / alpha_bar).
 """
+import contextlib
+import functools
+
 import torch
 
 from ..sampling import check_grad_steps, checkpointed, sample_ddim
@@ -102,7 +105,7 @@ def base_model_version(unet_config):
 
 
 class TrainingBackend:
-    """A diffusers UNet (+ optional VAE, text encoder and tokenizer) for `Trainer`.
+    """A diffusers UNet (+ optional VAE, text encoder and tokenizer) for `Trainer` (see `backends.Backend`).
 
     Without a VAE the UNet works in pixel space ([-1, 1] images). `encode_prompts(list of str)`
     replaces the text encoder when given (e.g. class embeddings, SDXL's two encoders); it returns
@@ -187,8 +190,16 @@ class TrainingBackend:
     def vae_scale_factor(self):
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
-    def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
-        """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM."""
+    @property
+    def compute_dtype(self):
+        return self.unet.dtype
+
+    def session(self):
+        return contextlib.nullcontext(self)  # the models sit on the device from the start
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
+        """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM; with `checkpoint`
+        each guided call made with gradient is recomputed in backward (cond and uncond are always one batch)."""
         cond, uncond = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
         if "added_cond_kwargs" in cond:  # SDXL's size conditioning: original size, crop (0, 0), target size
             h, w = (n * self.vae_scale_factor for n in noise.shape[-2:])
@@ -196,6 +207,8 @@ class TrainingBackend:
             for c in (cond, uncond):
                 c["added_cond_kwargs"]["time_ids"] = time_ids
         model = guided(self.denoiser, cond, uncond, cfg)
+        if checkpoint:
+            model = functools.partial(checkpointed, model)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
         return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
