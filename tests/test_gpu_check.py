@@ -1,0 +1,111 @@
+"""Fast checks of the one-call GPU check (bench/gpu_check.py) and its bundle (scripts/gpu_bundle.py). The whole
+flow is `bench/gpu_check.py --dry-run` (about 2 minutes on 2 cores, so it is not part of the suite)."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import uuid
+
+import tiny_clip
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load(REPO / "bench" / "gpu_check.py")
+gpu_bundle = load(REPO / "scripts" / "gpu_bundle.py")
+
+
+def python(code, **env):
+    """`code` in a fresh interpreter (stubs and import guards must not reach this test process)."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True)
+
+
+def test_every_comfyui_requirement_is_on_the_device_carried_stubbed_or_left_out():
+    how = gpu_bundle.plan(gpu_bundle.comfy_requirements())
+    assert how["torch"] == "on the device" and how["comfy-aimdo"] == "carried" and how["av"] == "stub"
+    device = {gpu_bundle.norm(n) for n in gpu_bundle.DEVICE_PACKAGES}
+    assert device & set(gpu_bundle.CARRIED) == {"typing-extensions"}  # the one carried for its version
+
+
+def test_stubs_import_as_comfyui_imports_them(tmp_path):
+    gpu_bundle.write_stubs(tmp_path)
+    out = python("""
+import importlib.resources
+from typing import Optional
+
+import av
+from av.container import InputContainer
+from av.subtitles.stream import SubtitleStream
+from av.video.reformatter import ColorRange
+import comfyui_frontend_package
+
+Optional[av.AudioStream]  # annotations are evaluated when ComfyUI's modules load
+try:
+    av.open("clip.mp4")
+    raise AssertionError("the stub opened a file")
+except RuntimeError as e:
+    assert "stub" in str(e)
+try:
+    raise ValueError()
+except av.error.InvalidDataError:  # `except av.error.X:` clauses must stay valid
+    raise AssertionError()
+except ValueError:
+    pass
+assert (importlib.resources.files(comfyui_frontend_package) / "static" / "index.html").is_file()
+print(av.__file__)
+""", PYTHONPATH=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(tmp_path))
+
+
+def test_dry_run_import_guard_refuses_what_the_device_lacks(tmp_path):
+    stubs, guard = tmp_path / "stubs", tmp_path / "guard"
+    gpu_bundle.write_stubs(stubs)
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(gpu_check.GUARD)
+    out = python("""
+import numpy
+import av
+assert "stubs" in av.__file__
+try:
+    import yaml
+    raise AssertionError("imported a package the device lacks")
+except ModuleNotFoundError as e:
+    assert "on the device" in str(e), e
+""", PYTHONPATH=os.pathsep.join([str(guard), str(stubs)]), GPU_CHECK_ALLOWED="numpy", GPU_CHECK_OWN=str(stubs))
+    assert out.returncode == 0, out.stderr
+
+
+def test_prompts_pass_comfyuis_validation_with_the_nodes_as_they_are(comfyui, tiny_sd15):
+    """The check's prompts against the real node definitions (required inputs, types, ranges, file lists),
+    before any device time is spent on them."""
+    rewards = pathlib.Path(comfyui.folder_paths.get_folder_paths("reward_models")[0])
+    rewards.mkdir(parents=True, exist_ok=True)
+    if not (rewards / gpu_check.CLIP_FILE).exists():
+        tiny_clip.write_clip_vision(rewards / gpu_check.CLIP_FILE, tiny_clip.hf_clip_vision_model(seed=5))
+    if not (rewards / gpu_check.MLP_FILE).exists():
+        tiny_clip.write_aesthetic_mlp(rewards / gpu_check.MLP_FILE, tiny_clip.aesthetic_mlp(32, seed=6))
+    lora = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "gpu_check" / "validation_only.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    lora.touch()  # validation only looks the name up
+
+    required = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].INPUT_TYPES()["required"]
+
+    class ObjectInfo:  # what GET /object_info/DRaFTTrainLoRA answers
+        def get(self, path):
+            return {"DRaFTTrainLoRA": {"input": {"required": required}}}
+
+    prompts = [gpu_check.train_prompt(ObjectInfo(), tiny_sd15, 64, 4, "validation"),
+               gpu_check.lora_prompt(tiny_sd15, "gpu_check/validation_only.safetensors", 64, 4, "validation")]
+    assert set(prompts[0]["3"]["inputs"]) == set(required)
+    for prompt in prompts:
+        valid = comfyui.loop.run_until_complete(comfyui._execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        assert valid[0], valid[1:]
