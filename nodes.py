@@ -278,7 +278,17 @@ class DRaFTTrainLoRA:
                                                        "tooltip": "Decode for the reward at this size to save memory "
                                                                   "(e.g. 256 for 224 px rewards); 0: full size."}),
                          "validation": ("DRAFT_VALIDATION", {"tooltip": "Held-out validation, keep-best and early "
-                                                                        "stopping (DRaFT Validation node)."})},
+                                                                        "stopping (DRaFT Validation node)."}),
+                         "precision": (["auto", "bf16", "fp16", "fp32"],
+                                       {"tooltip": "Compute precision (LoRA weights stay fp32). auto: the model's own "
+                                                   "half precision on a GPU (bf16 where the card runs it natively, "
+                                                   "fp16 with loss scaling otherwise), fp32 on the CPU."}),
+                         "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
+                                                  "tooltip": "Micro-batches per optimizer step: the batch of "
+                                                             "batch_size x accumulation in the memory of batch_size."}),
+                         "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
+                                                       "tooltip": "Recompute UNet calls and the VAE decoder in the "
+                                                                  "backward pass: much less memory, a little slower."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -288,12 +298,14 @@ class DRaFTTrainLoRA:
 
     def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", kl_coef=0.0, reward_resolution=0, validation=None, unique_id=None):
+              resume_lora="none", kl_coef=0.0, reward_resolution=0, validation=None, precision="auto",
+              accumulation=1, checkpointing=True, unique_id=None):
         config = TrainConfig(
             prompts=lines(prompts), negative_prompt=negative_prompt,
             variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
             cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
-            save_every=save_every, kl_coef=kl_coef, reward_resolution=reward_resolution)
+            save_every=save_every, kl_coef=kl_coef, reward_resolution=reward_resolution, precision=precision,
+            accumulation=accumulation, checkpointing=checkpointing)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
@@ -327,6 +339,10 @@ class DRaFTTrainLoRA:
             first, kept = validator.history[0], next(m for m in validator.history if m["step"] == trainer.kept_step)
             text += "\nheld-out: " + ", ".join(f"{k[4:]} {first[k]:.4g} -> {kept[k]:.4g}" for k in first if k.startswith("val_"))
             text += f"\nsaved the LoRA of step {trainer.kept_step} of {trainer.step}"
+        skipped = sum(m.get("skipped", 0) for m in history)
+        if skipped:
+            text += f"\n{skipped} step(s) skipped: the fp16 gradient overflowed (the loss scale was lowered)"
+        text += "".join(f"\nWARNING: {w}" for w in trainer.warnings)
         return {"ui": {"text": [text]},
                 "result": (patched, path, curve, history[-1]["reward"])}
 

@@ -231,7 +231,7 @@ def instrumented(trainer, clock):
     checkpointed calls) -> other (ComfyUI's cleanup) -> optimizer (clipping, AdamW, metrics)."""
     backend, run, decode, reward = trainer.backend, trainer.backend.run, trainer.backend.decode, trainer.reward
 
-    def timed_run(fn, *args):
+    def timed_run(fn, *args, **kwargs):
         def timed_fn(model, x, sigmas):
             def timed_model(x, sigma, **kwargs):
                 if clock.phase != "backward":  # calls during backward are checkpoint recomputation
@@ -240,7 +240,7 @@ def instrumented(trainer, clock):
             out = fn(timed_model, x, sigmas)
             clock.enter("other")
             return out
-        out = run(timed_fn, *args)
+        out = run(timed_fn, *args, **kwargs)
         clock.enter("optimizer")
         return out
 

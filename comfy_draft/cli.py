@@ -147,13 +147,18 @@ def train(args):
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
     log = open(log_path, "a" if args.resume else "w")
+    warned = []
 
     def report(metrics, images):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         held_out = "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
+        skipped = f"  skipped: fp16 overflow, loss scale now {trainer.scaler.get_scale():g}" if metrics["skipped"] else ""
         print(f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  "
-              f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}", flush=True)
+              f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}{skipped}", flush=True)
+        for warning in trainer.warnings[len(warned):]:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+            warned.append(warning)
 
     trainer = Trainer(backend, reward, config, [report], checkpoint_path=checkpoint, validator=validator)
     from .memory import describe

@@ -167,7 +167,9 @@ class Trainer:
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
-        self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
+        with torch.random.fork_rng(devices=[]):  # the LoRAs' random init (on the CPU) follows the seed too
+            torch.manual_seed(config.seed)
+            self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
         self.params = list(self.loras.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.dtype = autocast_dtype(config.precision, backend.device, backend.compute_dtype)

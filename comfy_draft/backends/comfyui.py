@@ -250,11 +250,11 @@ def decode_dtype(vae):
 
 
 def checkpoint_each_op(module):
-    """Checkpoint every Linear and Conv of `module` on its own: with offloaded weights ComfyUI casts each into a
-    shared buffer that the next layer overwrites, so backward must re-fetch a weight right before using it (the
-    recipe of ComfyUI's OffloadCheckpointFunction). Returns the modules, for `uncheckpoint`."""
-    ops = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
-                                                          torch.nn.Conv3d))]
+    """Checkpoint each of ComfyUI's weight-casting ops (Linear, Conv, norms: `comfy.ops`) of `module` on its own:
+    with offloaded weights ComfyUI casts each into a shared buffer that the next op overwrites, so backward must
+    re-fetch a weight right before using it (the recipe of ComfyUI's OffloadCheckpointFunction). Returns the ops,
+    whose `forward` attribute is to be deleted afterwards."""
+    ops = [m for m in module.modules() if hasattr(m, "comfy_cast_weights")]
     for m in ops:
         m.forward = functools.partial(checkpointed, type(m).forward.__get__(m))
     return ops
