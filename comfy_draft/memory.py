@@ -36,7 +36,9 @@ def saved_bytes(fn):
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-        return t
+        # Detached: an op that saves its own output would otherwise hold its graph in a reference cycle the
+        # garbage collector cannot see, keeping the probe's weights alive (the probe never runs backward).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

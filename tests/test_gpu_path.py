@@ -8,6 +8,7 @@ import torch
 from test_rewards import mobilenet_v2_path
 
 from comfy_draft import rewards
+from comfy_draft.backends import Backend
 from comfy_draft.trainer import TrainConfig, Trainer, autocast_dtype
 
 
@@ -89,6 +90,7 @@ class ConstantReward(rewards.Reward):
 def test_a_reward_without_gradient_warns_after_the_first_steps(tmp_path, caplog):
     from tiny_diffusers import tiny_pixel_backend
     config = TrainConfig(prompts=["a red square"], steps=4, sampling_steps=3, width=16, height=16, batch_size=1)
+    assert isinstance(tiny_pixel_backend(tmp_path), Backend)  # the diffusers backend meets the contract too
     trainer = Trainer(tiny_pixel_backend(tmp_path), ConstantReward(), config)
     with caplog.at_level(logging.WARNING):
         trainer.train()
@@ -181,6 +183,7 @@ def test_trainable_copies_leave_dynamic_vram_handles_on_the_originals(comfyui, t
     model.model.dynamic_pins = vae.first_stage_model.dynamic_pins = pins
 
     backend = TrainingBackend(model, clip, vae)
+    assert isinstance(backend, Backend)
     assert model.cached_patcher_init is None  # the in-memory copy path
     copies = [*backend.model.model.modules(), *backend.vae_model.modules()]
     assert not any(hasattr(m, "_v") or hasattr(m, "dynamic_pins") for m in copies)

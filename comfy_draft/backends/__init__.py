@@ -6,6 +6,7 @@ import typing
 import torch
 
 
+@typing.runtime_checkable
 class Backend(typing.Protocol):
     """A diffusion model, its text conditioning and its decoder, seen as DRaFT needs them.
 
