@@ -1,6 +1,7 @@
 """The GPU path, simulated on the CPU: half-precision ComfyUI flags, a shared reward object, DynamicVRAM's native
 handles, offloaded weights in a shared cast buffer, memory-dependent cond batching, fp16 loss scaling, and the
 models that cannot train. Each test forces the hazard and fails on code that gets it wrong."""
+import json
 import logging
 
 import pytest
@@ -9,6 +10,7 @@ from test_rewards import mobilenet_v2_path
 
 from comfy_draft import rewards
 from comfy_draft.backends import Backend
+from comfy_draft.lora import load_kohya_file
 from comfy_draft.trainer import TrainConfig, Trainer, autocast_dtype
 
 
@@ -54,7 +56,6 @@ def test_cli_fp16_overflow_skips_the_step_lowers_the_scale_and_trains_on(tmp_pat
     printed = capsys.readouterr().out
     assert "step 1/3" in printed and "skipped: fp16 overflow, loss scale now 32768" in printed.splitlines()[1]
     assert "step 3/3" in printed and out.exists()
-    import json
     log = [json.loads(line) for line in (tmp_path / "fp16.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in log] == [1, 0, 0] and all(m["grad_norm"] > 0 for m in log[1:])
 
@@ -146,6 +147,8 @@ def test_half_precision_flags_train_through_the_node_and_leave_the_shared_reward
     assert "r" in cached[0]  # the very reward object the first prompt scored with
     text = history["outputs"]["3"]["text"][0]
     assert "reward" in text and "WARNING" not in text
+    lora_file = comfyui.folder_paths.get_full_path("loras", text.split(":")[0])
+    assert json.loads(load_kohya_file(lora_file)[1]["comfy_draft_config"])["precision"] == half  # trained in it
     monkeypatch.undo()
     after = comfyui.run(score_prompt("after"))
     assert "r" in [m[1]["nodes"] for m in comfyui.executor.status_messages if m[0] == "execution_cached"][0]
@@ -286,8 +289,10 @@ def test_recompute_sees_the_forwards_shapes_when_cond_batching_follows_free_memo
     recomputes it under other memory conditions, with other shapes. Checkpoints per UNet call do not care."""
     import comfy.model_patcher
     reference = lora_gradients(tiny_objects)
-    free = iter([1e15, 0.0] * 1000)  # room to batch in one call, none in the next, and so on
-    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, device: next(free))
+
+    def get_free_memory(self, device):  # room to batch in the forward pass, none while backward recomputes
+        return 0.0 if torch._C._current_graph_task_id() != -1 else 1e15
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", get_free_memory)
     torch.testing.assert_close(lora_gradients(tiny_objects), reference, rtol=1e-4,
                                atol=1e-6 * reference.abs().max().item())
 
