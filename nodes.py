@@ -55,6 +55,12 @@ class DRaFTDDIMSampler:
         return (out,)
 
 
+# 0 = the model's own training size (SD1.x 512, SD2.x 768-v 768, SDXL 1024).
+SIZE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                      "tooltip": "Image size in pixels; 0: the model's native size "
+                                 "(SD1.x 512, SD2 768-v 768, SDXL 1024)."})
+
+
 def reward_files():
     return folder_paths.get_filename_list("reward_models")
 
@@ -212,8 +218,8 @@ class DRaFTLoRAStrengthSweep:
             "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1}),
-            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "width": SIZE_INPUT,
+            "height": SIZE_INPUT,
         }, "optional": judge_inputs(2)}
 
     def sweep(self, model, clip, vae, lora_name, reward, prompts, negative_prompt, strengths, seeds, first_seed,
@@ -227,8 +233,9 @@ class DRaFTLoRAStrengthSweep:
         lora = load_kohya_file(folder_paths.get_full_path_or_raise("loras", lora_name))[0]
         backends = ((s, backend.SamplingBackend(comfy.sd.load_lora_for_models(model, None, lora, s, 0)[0], clip, vae))
                     for s in values)
+        size = backend.native_size(model)
         rows, images = strength_sweep(backends, reward, lines(prompts), seed_list(first_seed, seeds), negative_prompt,
-                                      cfg, steps, width, height, judges)
+                                      cfg, steps, width or size, height or size, judges)
         table = sweep_table(rows)
         grid = torch.from_numpy(image_grid(images, len(images) // len(values))).float().div(255)[None]
         return {"ui": {"text": [f"{lora_name}\n{table}"], "rows": rows}, "result": (table, grid)}
@@ -259,8 +266,8 @@ class DRaFTTrainLoRA:
                 "training_steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
                 "sampling_steps": ("INT", {"default": d.sampling_steps, "min": 1, "max": 1000}),
                 "cfg": ("FLOAT", {"default": d.cfg, "min": 0.0, "max": 100.0, "step": 0.1}),
-                "width": ("INT", {"default": d.width, "min": 64, "max": 4096, "step": 8}),
-                "height": ("INT", {"default": d.height, "min": 64, "max": 4096, "step": 8}),
+                "width": SIZE_INPUT,
+                "height": SIZE_INPUT,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
                 "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0, "max": 1.0, "step": 1e-5, "round": 1e-6}),
                 "rank": ("INT", {"default": d.rank, "min": 1, "max": 256}),
@@ -300,6 +307,8 @@ class DRaFTTrainLoRA:
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
               resume_lora="none", kl_coef=0.0, reward_resolution=0, validation=None, precision="auto",
               accumulation=1, checkpointing=True, unique_id=None):
+        size = backend.native_size(model)
+        width, height = width or size, height or size
         config = TrainConfig(
             prompts=lines(prompts), negative_prompt=negative_prompt,
             variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,

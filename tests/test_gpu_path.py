@@ -18,7 +18,8 @@ from comfy_draft.trainer import TrainConfig, Trainer, autocast_dtype
 def test_auto_precision_follows_the_model_and_the_cards_native_bf16(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     native = {}
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["bf16"] or including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native["bf16"] or including_emulation)
     native["bf16"] = True  # Ampere and later
     assert autocast_dtype("auto", cuda, torch.float32) == torch.bfloat16
     assert autocast_dtype("auto", cuda, torch.float16) == torch.float16  # fp16 weights: no re-cast per op
@@ -111,7 +112,8 @@ def reward_nodes():
 
 def score_prompt(text):
     return {**reward_nodes(),
-            "i": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x8844cc}},
+            "i": {"class_type": "EmptyImage",
+                  "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x8844cc}},
             "s": {"class_type": "DRaFTScoreImages", "inputs": {"images": ["i", 0], "reward": ["r", 0], "prompt": text}}}
 
 
@@ -222,7 +224,8 @@ def tiny_objects(comfyui, tiny_sd15):
     import comfy.model_management
     import comfy.sd
     with torch.inference_mode():  # as a node makes them
-        objects = comfy.sd.load_checkpoint_guess_config(str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))
+        objects = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))
     yield objects[:3]
     comfy.model_management.unload_all_models()
 
@@ -313,7 +316,8 @@ def test_models_that_cannot_train_are_refused_before_any_work(tiny_objects, monk
         TrainingBackend(compiled, clip, vae)
 
     cached = model.clone()
-    cached.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "easycache", lambda e, *a, **k: e(*a, **k))
+    cached.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "easycache",
+                                lambda executor, *args, **kwargs: executor(*args, **kwargs))
     with pytest.raises(ValueError, match="easycache"):
         TrainingBackend(cached, clip, vae)
 

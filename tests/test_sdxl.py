@@ -1,5 +1,6 @@
 """SDXL through the same ComfyUI machinery: ComfyUI's own SDXL model class (pooled text and size
 conditioning through the ADM input, SDXL latent format, ldm module names) with a tiny UNet."""
+import json
 import logging
 import math
 
@@ -107,3 +108,27 @@ def test_sdxl_through_the_train_node(comfyui, sdxl_objects):
                for k in state_dict)
     assert len(patched.patches) == len({k.rsplit(".", 2)[0] for k in state_dict})
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and math.isfinite(final_reward)
+
+
+@pytest.mark.slow
+def test_the_train_node_trains_sdxl_at_its_native_size_with_matching_size_conditioning(comfyui, sdxl_objects,
+                                                                                       monkeypatch):
+    """width = height = 0 (the default): 1024 for SDXL, passed to the UNet as original and target size."""
+    import comfy.model_base
+    model, clip, vae = sdxl_objects
+    seen, encode_adm = [], comfy.model_base.SDXL.encode_adm
+
+    def recording_encode_adm(self, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("width", "height", "target_width", "target_height")})
+        return encode_adm(self, **kwargs)
+    monkeypatch.setattr(comfy.model_base.SDXL, "encode_adm", recording_encode_adm)
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
+    with torch.inference_mode():
+        out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), PROMPTS[0], "", variant="draft-k",
+                         k=1, lv_samples=1, training_steps=1, sampling_steps=2, cfg=5.0, width=0, height=0,
+                         batch_size=1, learning_rate=0.05, rank=2, seed=0, save_every=0, lora_name="draft_sdxl_size",
+                         reward_resolution=64)
+    config = json.loads(load_kohya_file(out["result"][1])[1]["comfy_draft_config"])
+    assert (config["width"], config["height"]) == (1024, 1024)
+    # Training at 1024; the memory estimate's probe runs at its own 128 px.
+    assert {tuple(s.values()) for s in seen} == {(1024,) * 4, (128,) * 4}

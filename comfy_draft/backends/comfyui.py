@@ -102,6 +102,20 @@ def base_model_version(model):
     return "sd_v2" if isinstance(config, comfy.supported_models.SD20) else "sd_v1"
 
 
+def native_size(model):
+    """The side in pixels a model was trained at: SDXL 1024, SD2.x v-prediction (768-v) 768, otherwise 512."""
+    if isinstance(model.model.model_config, comfy.supported_models.SDXL):
+        return 1024
+    return 768 if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION) else 512
+
+
+def with_size(cond, height, width):
+    """SDXL's size conditioning: original and target size = the image size, no crop (as CLIPTextEncodeSDXL sets
+    it; without it ComfyUI assumes 768). Other models ignore these fields."""
+    cond[0][1].update(height=height, width=width, target_height=height, target_width=width, crop_h=0, crop_w=0)
+    return cond
+
+
 def batch_conditioning(conds):
     """One CONDITIONING for a batch from per-prompt ones; token lengths are brought to their least
     common multiple by repetition, as ComfyUI batches conds (attention is unchanged by it)."""
@@ -141,7 +155,9 @@ class SamplingBackend:
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         """`fn(model, x_T, sigmas)` inside ComfyUI's sampling context, with the CFG-guided x0 predictor."""
         sigmas = ddim_sigmas(self.model, steps)
-        positive, negative = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
+        height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
+        positive = with_size(self.encode(prompts), height, width)
+        negative = with_size(self.encode([negative_prompt] * len(prompts)), height, width)
         return run_guided(self.model, positive, negative, cfg, sigmas, lambda m, x, s, callback: fn(m, x, s),
                           torch.zeros(noise.shape), noise)
 
