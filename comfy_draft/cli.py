@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from . import loading
+from . import distributed, loading
 from .trainer import VARIANTS, TrainConfig, Trainer
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
@@ -146,7 +146,8 @@ def train(args):
     reward = build_reward(args)  # before the model: a bad reward file fails fast
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
-    log = open(log_path, "a" if args.resume else "w")
+    main = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
+    log = open(log_path, "a" if args.resume else "w") if main else None
     warned = []
 
     def report(metrics, images):
@@ -160,26 +161,36 @@ def train(args):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
             warned.append(warning)
 
-    trainer = Trainer(backend, reward, config, [report], checkpoint_path=checkpoint, validator=validator)
+    trainer = Trainer(backend, reward, config, [report] if main else [], checkpoint_path=checkpoint, validator=validator)
     from .memory import describe
     try:
-        print(describe(trainer.memory_estimate()), flush=True)
+        estimate = describe(trainer.memory_estimate())
     except MemoryError as e:
         raise SystemExit(f"error: {e}") from None
+    if main and trainer.processes > 1:
+        print(f"{trainer.processes} processes on {backend.device.type}, {estimate} per process; global batch "
+              f"{config.batch_size} x {trainer.processes} x {config.accumulation}", flush=True)
+    elif main:
+        print(estimate, flush=True)
     if args.resume:
-        trainer.load_checkpoint(checkpoint)
+        try:
+            trainer.load_checkpoint(checkpoint)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     elif args.init_lora:
         trainer.loras.load_kohya_state_dict(load_kohya_file(args.init_lora)[0], args.init_lora)
     try:
         trainer.train()
     except KeyboardInterrupt:
         partial = os.path.splitext(args.out)[0] + f".partial-{trainer.step}.safetensors"
-        trainer.save_lora(partial, overwrite=True)
-        print(f"interrupted at step {trainer.step}: LoRA saved as {partial}; resume with --resume", file=sys.stderr)
+        if trainer.save_lora(partial, overwrite=True):
+            print(f"interrupted at step {trainer.step}: LoRA saved as {partial}; resume with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        log.close()
-    trainer.save_lora(args.out, overwrite=True)
+        if log:
+            log.close()
+    if not trainer.save_lora(args.out, overwrite=True):
+        return
     kept = f" (the best validated LoRA, of step {trainer.kept_step})" if trainer.kept_step != trainer.step else ""
     print(f"LoRA written to {args.out}{kept} (log {log_path}, checkpoint {checkpoint})")
 
@@ -277,7 +288,16 @@ def main(argv=None):
     if args.command in ("train", "sweep"):
         size = loading.native_size(args.model)
         args.width, args.height = args.width or size, args.height or size
-    if args.command == "train":
+    if args.command == "train" and distributed.launched():
+        try:
+            args.device = distributed.setup(args.device)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        try:
+            train(args)
+        finally:
+            distributed.shutdown()
+    elif args.command == "train":
         train(args)
     elif args.command == "sweep":
         sweep(args)

@@ -1,9 +1,10 @@
 """The DRaFT training loop: one readable loop over a backend (ComfyUI or diffusers) and a reward.
 
 Per training step, for each micro-batch: draw prompts and start noise from a generator seeded by
-(seed, step), sample with the variant's gradient policy, decode, score, and backpropagate
+(seed, step, micro-batch), sample with the variant's gradient policy, decode, score, and backpropagate
 -reward into the LoRA weights; then clip the gradient norm and take an AdamW step. Deriving all
-randomness from (seed, step) is what makes a resumed run identical to an uninterrupted one.
+randomness from (seed, step, micro-batch) is what makes a resumed run identical to an uninterrupted one,
+and lets N processes (`distributed`) split a step's micro-batches exactly as one process would draw them.
 
 Variants (Clark et al. 2024, and the neighbours the paper unifies):
   draft      backpropagate through all T sampling steps
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from . import memory
+from . import distributed, memory
 from .lora import atomic_write, digest
 from .sampling import check_grad_steps, denoise_renoised, sample_ddim
 
@@ -80,9 +81,12 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
-def step_generator(seed, step):
-    """The CPU generator of one training step: prompts, noise and variant choices."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed, step, index=0):
+    """The CPU generator of micro-batch `index` of a training step (prompts, noise and variant choices). Process r of
+    N draws indices r * accumulation .. r * accumulation + accumulation - 1, so one process with N times the
+    accumulation draws the same samples. Index 0 keeps the (seed, step) stream of earlier versions; other indices
+    move it by a golden-ratio multiple in the high bits, far from any (seed, step)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) ^ (index * 0x9E3779B97F4A7C15 % 2 ** 64))
 
 
 def autocast_dtype(precision, device, native=torch.float32):
@@ -158,6 +162,8 @@ class Trainer:
     and lowers its scale (metrics["skipped"]); only a non-finite reward or MAX_SKIPPED skips in a row stop.
     validator: a `validation.Validator`; its `val_*` metrics join the metrics of the steps it validates,
     it may stop training early, and with keep-best the LoRA left at the end is the best validated one.
+    Under torch.distributed (`distributed`) every process runs this loop on its own micro-batches, with gradients
+    averaged and metrics computed from every process's rewards; only rank 0 writes the training checkpoint.
     """
 
     def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
@@ -167,6 +173,7 @@ class Trainer:
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
+        self.processes = distributed.world_size()
         with torch.random.fork_rng(devices=[]):  # the LoRAs' random init (on the CPU) follows the seed too
             torch.manual_seed(config.seed)
             self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)
@@ -226,14 +233,18 @@ class Trainer:
     def _train_step(self):
         c = self.config
         started = time.perf_counter()
-        g = step_generator(c.seed, self.step)
+        first = distributed.rank() * c.accumulation  # this process's micro-batches of the step
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            outs = [self.micro_batch(g) for _ in range(c.accumulation)]
+            outs = [self.micro_batch(step_generator(c.seed, self.step, first + m)) for m in range(c.accumulation)]
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(f"{e}\n\nDRaFT ran out of device memory at step {self.step + 1} (batch "
                                          f"{c.batch_size}, {c.width}x{c.height}); to fit: {memory.ADVICE}") from e
-        rewards = torch.cat([o["rewards"].flatten() for o in outs])
+        # Averaged while still scaled, so an fp16 overflow on any process makes every process skip the step.
+        distributed.average_gradients(self.params)
+        rewards = distributed.gather(torch.cat([o["rewards"].flatten() for o in outs]))
+        losses = distributed.gather(torch.stack([o["loss"] for o in outs]))
+        kls = distributed.gather(torch.stack([o["kl"] for o in outs]))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         # An fp16 overflow is the GradScaler's normal signal: it skips the step and lowers its scale.
@@ -253,8 +264,8 @@ class Trainer:
             logging.warning("DRaFT: step %d skipped: the fp16 gradient overflowed; loss scale lowered to %g",
                             self.step, self.scaler.get_scale())
         metrics = {"step": self.step, "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                   "loss": sum(o["loss"].item() for o in outs) / len(outs), "grad_norm": grad_norm.item(),
-                   "kl": sum(o["kl"].item() for o in outs) / len(outs), "skipped": int(skipped),
+                   "loss": losses.mean().item(), "grad_norm": grad_norm.item(),
+                   "kl": kls.mean().item(), "skipped": int(skipped),
                    "seconds": time.perf_counter() - started}
         self.history.append(metrics)
         self.check_gradient_reaches_loras()
@@ -318,15 +329,21 @@ class Trainer:
         if self.validator is not None and self.validator.best:
             best = {k: v for k, v in self.validator.best.items() if k != "lora"}
             meta["comfy_draft_validation"] = {"config": dataclasses.asdict(self.validator.config), "best": best}
+        if self.processes > 1:
+            meta["comfy_draft_processes"] = str(self.processes)
         return meta
 
     def save_lora(self, path, overwrite=False):
+        """Write the LoRA file (rank 0 only under torch.distributed; the others return None)."""
+        if not distributed.is_main():
+            return None
         return self.loras.save(path, self.lora_metadata(), overwrite)
 
     def save_checkpoint(self, path=None):
-        """Everything needed to resume exactly: LoRA (fp32), optimizer, scaler, RNG, step, history."""
+        """Everything needed to resume exactly: LoRA (fp32), optimizer, scaler, RNG, step, history, the number of
+        processes. Rank 0 writes it (every process holds the same state); the others return None."""
         path = path or self.checkpoint_path
-        if path is None:
+        if path is None or not distributed.is_main():
             return None
         state = {"lora": {k: v.detach().cpu() for k, v in self.loras.state_dict().items()},
                  "lora_alpha": {k: m.alpha for k, m in self.loras.items()},
@@ -334,12 +351,17 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config),
+                 "processes": self.processes,
                  "validator": self.validator.state_dict() if self.validator is not None else None}
         atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
         return path
 
     def load_checkpoint(self, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
+        processes = state.get("processes", 1)
+        if processes != self.processes:  # the samples of a step depend on the number of processes
+            raise ValueError(f"{path} was written by a run with {processes} process(es); resume it with the same "
+                             f"number (torchrun --nproc_per_node {processes}), not {self.processes}")
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "save_every")}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("steps", "save_every")}
         if saved != current:

@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from . import distributed
 from .rewards.base import Reward
 from .sampling import sample_ddim
 
@@ -92,7 +93,10 @@ def feature_model_of(judges, reward):
 
 class Validator:
     """Runs validations for a `Trainer` and keeps the best LoRA. Metrics use the prefix `val_`:
-    val_reward, val_<judge>, val_diversity and val_feature_diversity (both relative to the base model)."""
+    val_reward, val_<judge>, val_diversity and val_feature_diversity (both relative to the base model).
+
+    Under torch.distributed the held-out samples are drawn and scored on rank 0 alone and its scores sent to every
+    process, which then takes the same keep-best and early-stopping decisions from the same numbers."""
 
     def __init__(self, config, judges=None):
         self.config = config
@@ -114,11 +118,11 @@ class Validator:
         """Validate the trainer's current LoRA; returns the `val_*` metrics."""
         for judge in self.judges.values():
             judge.to(trainer.backend.device)
-        scores = self.evaluate(trainer)
+        scores = distributed.from_main(lambda: self.evaluate(trainer))
         if self.base is None:
             if any(lora.up.any() for lora in trainer.loras.values()):  # e.g. resumed from a LoRA file
                 with trainer.loras.disabled():
-                    self.base = self.evaluate(trainer)
+                    self.base = distributed.from_main(lambda: self.evaluate(trainer))
             else:
                 self.base = scores
         metrics = {f"val_{k}": v for k, v in scores.items() if "diversity" not in k}
