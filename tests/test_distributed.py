@@ -1,0 +1,165 @@
+"""Data-parallel DRaFT over torch.distributed, with 2 CPU processes on gloo: the same LoRA as one process with
+twice the accumulation, rank-0-only files, resume under the same number of processes, and validation decisions
+identical on every rank."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfy_draft import distributed
+from comfy_draft.trainer import step_generator
+
+DIGITS = ["--model", "digits", "--reward", "digit", "--reward-text", "prompted", "--cfg", "1", "--sampling-steps", "4",
+          "--prompts", "a 1", "a 7", "--batch-size", "2", "--lr", "3e-3", "--variant", "draft-lv",
+          "--val-prompts", "the digit one", "the digit seven", "--val-seeds", "2", "--val-every", "2", "--device", "cpu"]
+
+
+def run_train(processes, *args, check=True):
+    """`python -m comfy_draft train` in 1 process, or in N through torchrun; one thread per process (2 cores)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    result = subprocess.run([sys.executable, *launcher, "-m", "comfy_draft", "train", *DIGITS, *args],
+                            capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode:
+        raise AssertionError(result.stdout + result.stderr)
+    return result
+
+
+def trained(out):
+    """The last LoRA (float32, from the training checkpoint), the saved file's LoRA and the log."""
+    state = torch.load(f"{out}.ckpt", weights_only=True)
+    from comfy_draft.lora import load_kohya_file
+    log = [json.loads(line) for line in open(os.path.splitext(out)[0] + ".jsonl")]
+    return state, load_kohya_file(out), log
+
+
+def assert_same_lora(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_generators_are_distinct_and_index_0_is_the_old_stream():
+    assert step_generator(3, 5).initial_seed() == 3 * 1_000_003 + 5  # single-micro-batch runs are unchanged
+    seeds = {step_generator(seed, step, i).initial_seed() for seed in range(3) for step in range(50) for i in range(8)}
+    assert len(seeds) == 3 * 50 * 8
+    draws = [torch.randn(4, generator=step_generator(0, 1, i)) for i in range(4)]
+    assert all(not torch.equal(draws[i], draws[j]) for i in range(4) for j in range(i))
+
+
+def test_without_a_process_group_everything_is_local():
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    distributed.average_gradients([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    t = torch.arange(4.0)
+    assert distributed.gather(t) is t and distributed.from_main(lambda: 7) == 7
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation_and_resume(tmp_path):
+    two = tmp_path / "two.safetensors"
+    result = run_train(2, "--steps", "4", "--out", str(two))
+    assert result.stdout.count("step 1/4") == 1 and "LoRA written" in result.stdout  # rank 0 alone reports
+    assert "2 processes on cpu" in result.stdout and "global batch 2 x 2 x 1" in result.stdout
+    one = tmp_path / "one.safetensors"
+    run_train(1, "--steps", "4", "--accumulation", "2", "--out", str(one))
+    (two_state, (two_file, two_meta), two_log), (one_state, (one_file, _), one_log) = trained(two), trained(one)
+    assert two_state["processes"] == 2 and two_meta["comfy_draft_processes"] == "2"
+    assert_same_lora(two_state["lora"], one_state["lora"])
+    assert_same_lora(two_file, one_file)
+    assert len(two_log) == len(one_log) == 4
+    for a, b in zip(two_log, one_log):  # every rank's rewards count; the gradient is the mean, not the sum
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"seconds"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+
+    # Both ranks drawing rank 0's samples would train one process's LoRA without accumulation: it differs.
+    same = tmp_path / "same.safetensors"
+    run_train(1, "--steps", "4", "--out", str(same))
+    same_state = trained(same)[0]
+    assert max((same_state["lora"][k] - two_state["lora"][k]).abs().max() for k in same_state["lora"]) > 1e-4
+
+    # Interrupted after a checkpoint at step 2 and resumed to 4: the uninterrupted run's LoRA.
+    part = tmp_path / "part.safetensors"
+    run_train(2, "--steps", "2", "--out", str(part))
+    result = run_train(2, "--steps", "4", "--resume", "--out", str(part))
+    assert "step 3/4" in result.stdout and "step 1/" not in result.stdout
+    part_state, (part_file, _), part_log = trained(part)
+    assert part_state["step"] == 4 and [m["step"] for m in part_log] == [1, 2, 3, 4]
+    assert_same_lora(part_state["lora"], two_state["lora"])
+    assert_same_lora(part_file, two_file)
+    assert part_state["validator"]["best"]["step"] == two_state["validator"]["best"]["step"]
+
+    refused = run_train(1, "--steps", "5", "--resume", "--out", str(part), check=False)
+    assert refused.returncode and "written by a run with 2 process(es)" in refused.stderr
+    assert "--nproc_per_node 2" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, port, folder):
+    """One of two gloo processes: the helpers, then a short validated run; writes what it saw to rank-<r>.json."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    try:
+        from comfy_draft import digits
+        from comfy_draft.trainer import TrainConfig, Trainer
+        from comfy_draft.validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
+
+        # Gradients: averaged; None on every rank stays None; None on one rank counts as zeros there.
+        a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+        a.grad = torch.full((2,), float(rank + 1))
+        if rank == 1:
+            c.grad = torch.full((2,), 4.0)
+        distributed.average_gradients([a, b, c])
+        helpers = {"a": a.grad.tolist(), "b": b.grad, "c": c.grad.tolist(),
+                   "gather": distributed.gather(torch.tensor([rank, 10.0 + rank])).tolist(),
+                   "from_main": distributed.from_main(lambda: f"made by rank {distributed.rank()}")}
+
+        config = TrainConfig(prompts=["a 1", "a 7"], steps=6, sampling_steps=4, cfg=1.0, width=16, height=16,
+                             batch_size=2, lr=3e-2, seed=0)
+        validator = Validator(ValidationConfig(prompts=["the digit one", "the digit seven"],
+                                               seeds=[FIRST_HELD_OUT_SEED, FIRST_HELD_OUT_SEED + 1], every=1,
+                                               criterion="judge", patience=2),
+                              {"judge": digits.DigitReward(digits.load_classifier("judge_classifier"))})
+        trainer = Trainer(digits.load_backend("cpu"), digits.DigitReward(digits.load_classifier()), config,
+                          checkpoint_path=os.path.join(folder, f"rank-{rank}.ckpt"), validator=validator)
+        trainer.train()
+        saved = trainer.save_lora(os.path.join(folder, f"rank-{rank}.safetensors"))
+        state = {k: v.tolist() for k, v in trainer.loras.state_dict().items()}
+        with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
+            json.dump({"helpers": helpers, "validations": validator.history, "best": validator.best["step"],
+                       "kept": trainer.kept_step, "stopped": trainer.step, "history": trainer.history,
+                       "saved": saved is not None, "lora": state}, f)
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_validation_and_keep_best_are_decided_identically_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert r0["helpers"] == r1["helpers"]
+    assert r0["helpers"] == {"a": [1.5, 1.5], "b": None, "c": [2.0, 2.0], "gather": [0.0, 10.0, 1.0, 11.0],
+                             "from_main": "made by rank 0"}
+    assert r0["validations"] == r1["validations"] and len(r0["validations"]) >= 3
+    assert (r0["best"], r0["kept"], r0["stopped"]) == (r1["best"], r1["kept"], r1["stopped"])
+    for m0, m1 in zip(r0["history"], r1["history"]):  # metrics from both ranks' rewards, on both
+        assert {k: v for k, v in m0.items() if k != "seconds"} == {k: v for k, v in m1.items() if k != "seconds"}
+    assert r0["lora"] == r1["lora"]  # identical updates keep the ranks' LoRAs identical
+    assert r0["saved"] and not r1["saved"]  # files from rank 0 only
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".json")) == \
+        ["rank-0.ckpt", "rank-0.safetensors"]
