@@ -101,6 +101,33 @@ def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation
     assert "--nproc_per_node 2" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["diffusers", "comfyui"])
+def test_two_processes_with_a_diffusers_folder_and_a_single_file_through_comfyuis_loader(tmp_path, loader):
+    from comfyui_harness import COMFY_DIR
+    from tiny_diffusers import tiny_pipeline
+    from tiny_models import tiny_sd15_checkpoint
+
+    if loader == "diffusers":
+        tiny_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
+        model = ["--model", str(tmp_path / "pipe"), "--width", "32", "--height", "32"]
+    else:
+        model = ["--model", str(tiny_sd15_checkpoint(seed=0)), "--comfyui", str(COMFY_DIR), "--width", "64",
+                 "--height", "64", "--variant", "draft-k"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = ["-m", "comfy_draft", "train", *model, "--reward", "brightness", "--prompts", "a red square",
+            "a blue circle", "--sampling-steps", "3", "--batch-size", "1", "--cfg", "3", "--device", "cpu", "--steps", "1"]
+    for launcher, extra, out in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], [], "two"),
+                                 ([], ["--accumulation", "2"], "one")):
+        result = subprocess.run([sys.executable, *launcher, *args, *extra, "--out", str(tmp_path / f"{out}.safetensors")],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    two, one = (torch.load(tmp_path / f"{out}.safetensors.ckpt", weights_only=True) for out in ("two", "one"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert_same_lora(two["lora"], one["lora"])
+    assert any(v.abs().max() > 0 for k, v in two["lora"].items() if k.endswith("up"))  # it trained
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
