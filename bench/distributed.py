@@ -58,9 +58,10 @@ def main():
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU, gloo)",
             "global_batch": f"{args.batch_size} x {n}", "variant": "draft-lv (n = 2)",
             "sampling_steps": args.sampling_steps, "steps": args.steps, "warmup": args.warmup, "rows": rows}
-    lines = [f"Digit model (16 x 16), draft-lv, {args.sampling_steps} sampling steps, global batch {args.batch_size} x {n} "
-             f"per step, {args.steps} steps (median after {args.warmup}); {info['machine']}.", "",
-             "| processes | threads each | accumulation | median step s | speed-up vs 1 x 1 | wall s |", "|---|---|---|---|---|---|"]
+    lines = [f"Digit model (16 x 16), draft-lv, {args.sampling_steps} sampling steps, global batch "
+             f"{args.batch_size} x {n} per step, {args.steps} steps (median after {args.warmup}); {info['machine']}.",
+             "", "| processes | threads each | accumulation | median step s | speed-up vs 1 x 1 | wall s |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['accumulation']} | {r['median_step_s']:.3f} | "
               f"{r['speedup_vs_1x1']:.2f} | {r['wall_s']:.1f} |" for r in rows]
     os.makedirs(args.out, exist_ok=True)

@@ -146,8 +146,8 @@ def train(args):
     reward = build_reward(args)  # before the model: a bad reward file fails fast
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
-    main = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
-    log = open(log_path, "a" if args.resume else "w") if main else None
+    rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
+    log = open(log_path, "a" if args.resume else "w") if rank0 else None
     warned = []
 
     def report(metrics, images):
@@ -161,16 +161,17 @@ def train(args):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
             warned.append(warning)
 
-    trainer = Trainer(backend, reward, config, [report] if main else [], checkpoint_path=checkpoint, validator=validator)
+    trainer = Trainer(backend, reward, config, [report] if rank0 else [], checkpoint_path=checkpoint,
+                      validator=validator)
     from .memory import describe
     try:
         estimate = describe(trainer.memory_estimate())
     except MemoryError as e:
         raise SystemExit(f"error: {e}") from None
-    if main and trainer.processes > 1:
+    if rank0 and trainer.processes > 1:
         print(f"{trainer.processes} processes on {backend.device.type}, {estimate} per process; global batch "
               f"{config.batch_size} x {trainer.processes} x {config.accumulation}", flush=True)
-    elif main:
+    elif rank0:
         print(estimate, flush=True)
     if args.resume:
         try:

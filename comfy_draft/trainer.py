@@ -263,9 +263,9 @@ class Trainer:
         if skipped:
             logging.warning("DRaFT: step %d skipped: the fp16 gradient overflowed; loss scale lowered to %g",
                             self.step, self.scaler.get_scale())
-        metrics = {"step": self.step, "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                   "loss": losses.mean().item(), "grad_norm": grad_norm.item(),
-                   "kl": kls.mean().item(), "skipped": int(skipped),
+        metrics = {"step": self.step, "reward": rewards.mean().item(),
+                   "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0, "loss": losses.mean().item(),
+                   "grad_norm": grad_norm.item(), "kl": kls.mean().item(), "skipped": int(skipped),
                    "seconds": time.perf_counter() - started}
         self.history.append(metrics)
         self.check_gradient_reaches_loras()

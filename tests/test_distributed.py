@@ -14,8 +14,8 @@ from comfy_draft import distributed
 from comfy_draft.trainer import step_generator
 
 DIGITS = ["--model", "digits", "--reward", "digit", "--reward-text", "prompted", "--cfg", "1", "--sampling-steps", "4",
-          "--prompts", "a 1", "a 7", "--batch-size", "2", "--lr", "3e-3", "--variant", "draft-lv",
-          "--val-prompts", "the digit one", "the digit seven", "--val-seeds", "2", "--val-every", "2", "--device", "cpu"]
+          "--prompts", "a 1", "a 7", "--batch-size", "2", "--lr", "3e-3", "--variant", "draft-lv", "--device", "cpu",
+          "--val-prompts", "the digit one", "the digit seven", "--val-seeds", "2", "--val-every", "2"]
 
 
 def run_train(processes, *args, check=True):
@@ -116,11 +116,12 @@ def test_two_processes_with_a_diffusers_folder_and_a_single_file_through_comfyui
                  "--height", "64", "--variant", "draft-k"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     args = ["-m", "comfy_draft", "train", *model, "--reward", "brightness", "--prompts", "a red square",
-            "a blue circle", "--sampling-steps", "3", "--batch-size", "1", "--cfg", "3", "--device", "cpu", "--steps", "1"]
+            "a blue circle", "--sampling-steps", "3", "--batch-size", "1", "--cfg", "3", "--device", "cpu",
+            "--steps", "1"]
     for launcher, extra, out in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], [], "two"),
                                  ([], ["--accumulation", "2"], "one")):
-        result = subprocess.run([sys.executable, *launcher, *args, *extra, "--out", str(tmp_path / f"{out}.safetensors")],
-                                capture_output=True, text=True, env=env, timeout=300)
+        command = [sys.executable, *launcher, *args, *extra, "--out", str(tmp_path / f"{out}.safetensors")]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
     two, one = (torch.load(tmp_path / f"{out}.safetensors.ckpt", weights_only=True) for out in ("two", "one"))
     assert two["processes"] == 2 and one["processes"] == 1
@@ -136,7 +137,8 @@ def free_port():
 
 def worker(rank, port, folder):
     """One of two gloo processes: the helpers, then a short validated run; writes what it saw to rank-<r>.json."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.setup("cpu")
     try:
