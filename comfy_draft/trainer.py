@@ -163,7 +163,8 @@ class Trainer:
     validator: a `validation.Validator`; its `val_*` metrics join the metrics of the steps it validates,
     it may stop training early, and with keep-best the LoRA left at the end is the best validated one.
     Under torch.distributed (`distributed`) every process runs this loop on its own micro-batches, with gradients
-    averaged and metrics computed from every process's rewards; only rank 0 writes the training checkpoint.
+    averaged and metrics computed from every process's rewards; only rank 0 writes the LoRA and the training
+    checkpoint. Callbacks run wherever they are given: the CLI gives its log and progress to rank 0 only.
     """
 
     def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
