@@ -61,6 +61,13 @@ SIZE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                                  "(SD1.x 512, SD2 768-v 768, SDXL 1024)."})
 
 
+def training_states():
+    """Resumable training states under output/draft_training/, as paths relative to it."""
+    root = os.path.join(folder_paths.get_output_directory(), "draft_training")
+    return sorted(os.path.relpath(os.path.join(folder, f), root)
+                  for folder, _, files in os.walk(root) for f in files if f.endswith(".state.pt"))
+
+
 def reward_files():
     return folder_paths.get_filename_list("reward_models")
 
@@ -277,7 +284,11 @@ class DRaFTTrainLoRA:
                 "lora_name": ("STRING", {"default": "draft/draft_lora"}),
             },
             "optional": {"resume_lora": (["none"] + folder_paths.get_filename_list("loras"),
-                                         {"tooltip": "Continue training from this LoRA (same rank)."}),
+                                         {"tooltip": "Start from this LoRA (same rank), at step 0."}),
+                         "resume_state": (["none"] + training_states(),
+                                          {"tooltip": "Continue a saved training state exactly (step, optimizer, "
+                                                      "random state) with the same settings; training_steps may "
+                                                      "be raised. The state file is updated as training goes on."}),
                          "kl_coef": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.01,
                                                "tooltip": "Regulariser against reward hacking: penalise the LoRA "
                                                           "model's noise prediction for straying from the base model's."}),
@@ -305,8 +316,10 @@ class DRaFTTrainLoRA:
 
     def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
               sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", kl_coef=0.0, reward_resolution=0, validation=None, precision="auto",
-              accumulation=1, checkpointing=True, unique_id=None):
+              resume_lora="none", resume_state="none", kl_coef=0.0, reward_resolution=0, validation=None,
+              precision="auto", accumulation=1, checkpointing=True, unique_id=None):
+        if resume_lora != "none" and resume_state != "none":
+            raise ValueError("choose resume_lora (a LoRA to start from) or resume_state (a run to continue), not both")
         size = backend.native_size(model)
         width, height = width or size, height or size
         config = TrainConfig(
@@ -318,8 +331,9 @@ class DRaFTTrainLoRA:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
-        state = os.path.join(folder_paths.get_output_directory(), "draft_training", subfolder,
-                             f"{name}_{counter:05}_.state.pt")
+        states = os.path.join(folder_paths.get_output_directory(), "draft_training")
+        state = os.path.join(states, resume_state if resume_state != "none" else
+                             os.path.join(subfolder, f"{name}_{counter:05}_.state.pt"))
         validator = Validator(*validation) if validation is not None else None
         trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
                           [self.reporter(unique_id, training_steps)], checkpoint_path=state, validator=validator)
@@ -332,6 +346,14 @@ class DRaFTTrainLoRA:
         if resume_lora != "none":
             lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
+        if resume_state != "none":
+            with torch.inference_mode(False):  # optimizer state the training steps update in place
+                trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
+
+        def save_snapshot(metrics, images):  # a LoRA per save_every steps, to compare on the canvas
+            if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:
+                trainer.save_lora(path.replace("_.safetensors", f"_step{metrics['step']}_.safetensors"))
+        trainer.callbacks.append(save_snapshot)
         try:
             history = trainer.train()
         except comfy.model_management.InterruptProcessingException:

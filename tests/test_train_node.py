@@ -229,3 +229,29 @@ def test_strength_sweep_node_agrees_with_the_library(comfyui, tiny_sd15):
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (key, got, want)
     assert abs(rows[1]["reward"] - rows[0]["reward"]) > 1e-3  # the LoRA changes the samples
+
+
+def resume_prompt(ckpt, lora_name, steps, resume_state="none", lr=0.05):
+    prompt = train_prompt(ckpt, steps=steps, lora_name=lora_name, sampling_steps=3)
+    prompt = {k: prompt[k] for k in ("1", "2", "3")}
+    prompt["3"]["inputs"].update(resume_state=resume_state, learning_rate=lr, save_every=1)
+    return prompt
+
+
+def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, tiny_sd15):
+    from comfyui_harness import PromptError
+    lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
+    comfyui.run(resume_prompt(tiny_sd15, "draft/straight", 3))
+    comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 2))
+    state = "draft/resumed_00001_.state.pt"
+    assert state in comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].INPUT_TYPES()["optional"]["resume_state"][0]
+    assert (comfyui.base_dir / "models" / "loras" / "draft" / "resumed_00001_step1_.safetensors").exists()
+    history = comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 3, resume_state=state))
+    assert "reward" in history["outputs"]["3"]["text"][0]
+    straight = load_kohya_file(f"{lora_dir}/draft/straight_00001_.safetensors")
+    resumed = load_kohya_file(f"{lora_dir}/draft/resumed_00002_.safetensors")
+    assert straight[1]["comfy_draft_steps"] == resumed[1]["comfy_draft_steps"] == "3"
+    for key, value in straight[0].items():
+        torch.testing.assert_close(resumed[0][key].float(), value.float(), rtol=1e-3, atol=1e-5)
+    with pytest.raises(PromptError, match="different configuration .*lr"):
+        comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 4, resume_state=state, lr=0.01))
