@@ -363,7 +363,8 @@ class DRaFTTrainLoRA:
         trainer.save_lora(path)
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
-            curve = torch.from_numpy(curve_image(history)).float().div(255)[None]
+            floor = validator.config.diversity_floor if validator is not None else 0.0
+            curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
         text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
                 f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
         if validator is not None:

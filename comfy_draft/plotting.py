@@ -1,55 +1,82 @@
-"""Line charts as images (PIL only): the trainer's reward curve and the benchmark's comparisons."""
+"""Charts as RGB images, drawn with matplotlib (its object API and Agg canvas: no global pyplot state, safe in a
+server): the trainer's curves and the benchmarks' comparisons, with real axes and values."""
 import numpy as np
-from PIL import Image, ImageDraw
 
-COLOURS = [(40, 120, 220), (220, 90, 40), (60, 160, 60), (150, 60, 180), (200, 160, 20), (20, 170, 170),
-           (120, 120, 120), (200, 60, 120)]
+
+def figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def rendered(fig):
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def line_chart(series, title="", x_label="step", width=640, height=360):
-    """RGB uint8 array; `series` maps label -> (xs, ys), drawn on shared axes."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 70, 30, width - 20, height - 40 - 14 * ((len(series) + 2) // 3)
-    draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
-    draw.text((left, 8), title, fill="black")
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(y)]
-    if not points:
-        return np.array(image)
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
-
-    def at(x, y):
-        return left + (right - left) * (x - x_lo) / x_span, bottom - (bottom - top) * (y - y_lo) / y_span
-
-    for i, (label, (xs, ys)) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        xy = [at(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for x, y in xy:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((left + 200 * (i % 3), bottom + 24 + 14 * (i // 3)), label, fill=colour)
-    draw.text((4, top), f"{y_hi:.3g}", fill="black")
-    draw.text((4, bottom - 10), f"{y_lo:.3g}", fill="black")
-    draw.text((left, bottom + 6), f"{x_label} {x_lo:g}", fill="black")
-    draw.text((right - 90, bottom + 6), f"{x_label} {x_hi:g}", fill="black")
-    return np.array(image)
+    """RGB uint8 array; `series` maps label -> (xs, ys), on shared axes."""
+    fig = figure(width, height)
+    ax = fig.add_subplot()
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set(title=title, xlabel=x_label)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+    return rendered(fig)
 
 
-def curve_image(history, width=640, height=360):
-    """The training curve: reward, loss and gradient norm per step, and the validation metrics (`val_*`)
-    at the steps that have them, each scaled to the panel (its range is in its label)."""
-    keys = ["reward", "loss", "grad_norm"] + sorted({k for m in history for k in m if k.startswith("val_")})
-    series = {}
-    for key in keys:
-        steps = [m["step"] for m in history if key in m]
-        values = np.array([m[key] for m in history if key in m], dtype=float)
-        finite = values[np.isfinite(values)]
-        lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
-        series[f"{key} [{lo:.3g}, {hi:.3g}]"] = (steps, (values - lo) / ((hi - lo) or 1.0))
-    return line_chart(series, "training curve (each series scaled to its range)", "step", width, height)
+def smoothed(values, weight=0.8):
+    """Exponential moving average, debiased at the start (as TensorBoard smooths)."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def curve_panels(history):
+    """The metric keys of each panel: rewards, judges and diversity (when validated), gradient norm and KL."""
+    val_keys = sorted({k for m in history for k in m if k.startswith("val_")})
+    judges = [k for k in val_keys if k != "val_reward" and "diversity" not in k]
+    diversity = [k for k in val_keys if "diversity" in k]
+    panels = [["reward", "val_reward"]] + ([judges] if judges else []) + ([diversity] if diversity else [])
+    return panels + [["grad_norm", "kl"] if any(m.get("kl") for m in history) else ["grad_norm"]]
+
+
+def curve_image(history, kept_step=None, diversity_floor=0.0, width=720, height=None):
+    """The training curves in panels with their own axes: reward per step (and smoothed) with the held-out
+    reward, judges, diversity against its floor, gradient norm and KL; the kept step marked on each panel."""
+    def series(key):
+        points = [(m["step"], m[key]) for m in history if key in m and np.isfinite(m[key])]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    panels = curve_panels(history)
+    diversity = next((keys for keys in panels if "val_diversity" in keys), None)
+    fig = figure(width, height or 150 + 170 * len(panels))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, keys in zip(axes, panels):
+        for key in keys:
+            xs, ys = series(key)
+            if key == "reward":
+                ax.plot(xs, ys, ".", color="tab:blue", alpha=0.4, label="reward (per step)")
+                ax.plot(xs, smoothed(ys), color="tab:blue", label="reward (smoothed)")
+            elif xs:
+                ax.plot(xs, ys, marker="o" if key.startswith("val_") else None, markersize=4,
+                        label=key.replace("val_", "held-out ").replace("_", " "))
+        if keys is diversity and diversity_floor:
+            ax.axhline(diversity_floor, color="tab:red", linestyle="--", linewidth=1, label="diversity floor")
+        if kept_step is not None:
+            ax.axvline(kept_step, color="black", linestyle=":", linewidth=1, label=f"kept (step {kept_step})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    axes[0].set_title("DRaFT training")
+    axes[-1].set_xlabel("step")
+    return rendered(fig)
 
 
 def image_grid(images, columns, scale=1):
