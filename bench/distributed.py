@@ -31,13 +31,14 @@ def run(processes, threads, accumulation, args, folder):
                "--sampling-steps", str(args.sampling_steps), "--batch-size", str(args.batch_size),
                "--accumulation", str(accumulation), "--steps", str(args.steps), "--out", str(out), "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    load = os.getloadavg()[0]  # other work on the machine skews CPU timings: recorded with each row
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True)
     wall = time.perf_counter() - started
     log = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     steps = [m["seconds"] for m in log[args.warmup:]]
     return {"processes": processes, "threads_per_process": threads, "accumulation": accumulation,
-            "median_step_s": statistics.median(steps), "wall_s": wall}
+            "median_step_s": statistics.median(steps), "wall_s": wall, "load_before": load}
 
 
 def main():
@@ -60,10 +61,11 @@ def main():
             "sampling_steps": args.sampling_steps, "steps": args.steps, "warmup": args.warmup, "rows": rows}
     lines = [f"Digit model (16 x 16), draft-lv, {args.sampling_steps} sampling steps, global batch "
              f"{args.batch_size} x {n} per step, {args.steps} steps (median after {args.warmup}); {info['machine']}.",
-             "", "| processes | threads each | accumulation | median step s | speed-up vs 1 x 1 | wall s |",
-             "|---|---|---|---|---|---|"]
+             "", "| processes | threads each | accumulation | median step s | speed-up vs 1 x 1 | wall s "
+             "| load before |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['accumulation']} | {r['median_step_s']:.3f} | "
-              f"{r['speedup_vs_1x1']:.2f} | {r['wall_s']:.1f} |" for r in rows]
+              f"{r['speedup_vs_1x1']:.2f} | {r['wall_s']:.1f} | {r['load_before']:.1f} |" for r in rows]
     os.makedirs(args.out, exist_ok=True)
     pathlib.Path(args.out, "distributed_cpu.json").write_text(json.dumps(info, indent=1))
     pathlib.Path(args.out, "distributed_cpu.md").write_text("\n".join(lines) + "\n")
