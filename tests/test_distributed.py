@@ -146,13 +146,15 @@ def worker(rank, port, folder):
         from comfy_draft.trainer import TrainConfig, Trainer
         from comfy_draft.validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
-        # Gradients: averaged; None on every rank stays None; None on one rank counts as zeros there.
-        a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+        # Gradients: averaged; None on every rank stays None; None on one rank counts as zeros there; an fp16
+        # overflow (inf) on one rank reaches every rank, so all skip the step.
+        a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
         a.grad = torch.full((2,), float(rank + 1))
         if rank == 1:
             c.grad = torch.full((2,), 4.0)
-        distributed.average_gradients([a, b, c])
-        helpers = {"a": a.grad.tolist(), "b": b.grad, "c": c.grad.tolist(),
+        d.grad = torch.tensor([1.0, float("inf") if rank == 1 else 1.0])
+        distributed.average_gradients([a, b, c, d])
+        helpers = {"a": a.grad.tolist(), "b": b.grad, "c": c.grad.tolist(), "d": d.grad.tolist(),
                    "gather": distributed.gather(torch.tensor([rank, 10.0 + rank])).tolist(),
                    "from_main": distributed.from_main(lambda: f"made by rank {distributed.rank()}")}
 
@@ -160,7 +162,7 @@ def worker(rank, port, folder):
                              batch_size=2, lr=3e-2, seed=0)
         validator = Validator(ValidationConfig(prompts=["the digit one", "the digit seven"],
                                                seeds=[FIRST_HELD_OUT_SEED, FIRST_HELD_OUT_SEED + 1], every=1,
-                                               criterion="judge", patience=2),
+                                               criterion="reward", patience=2),
                               {"judge": digits.DigitReward(digits.load_classifier("judge_classifier"))})
         trainer = Trainer(digits.load_backend("cpu"), digits.DigitReward(digits.load_classifier()), config,
                           checkpoint_path=os.path.join(folder, f"rank-{rank}.ckpt"), validator=validator)
@@ -182,10 +184,11 @@ def test_validation_and_keep_best_are_decided_identically_on_every_rank(tmp_path
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
     assert r0["helpers"] == r1["helpers"]
-    assert r0["helpers"] == {"a": [1.5, 1.5], "b": None, "c": [2.0, 2.0], "gather": [0.0, 10.0, 1.0, 11.0],
-                             "from_main": "made by rank 0"}
+    assert r0["helpers"] == {"a": [1.5, 1.5], "b": None, "c": [2.0, 2.0], "d": [1.0, float("inf")],
+                             "gather": [0.0, 10.0, 1.0, 11.0], "from_main": "made by rank 0"}
     assert r0["validations"] == r1["validations"] and len(r0["validations"]) >= 3
     assert (r0["best"], r0["kept"], r0["stopped"]) == (r1["best"], r1["kept"], r1["stopped"])
+    assert 0 < r0["best"] == r0["kept"] and r0["stopped"] < 6  # a trained LoRA kept, training stopped early
     for m0, m1 in zip(r0["history"], r1["history"]):  # metrics from both ranks' rewards, on both
         assert {k: v for k, v in m0.items() if k != "seconds"} == {k: v for k, v in m1.items() if k != "seconds"}
     assert r0["lora"] == r1["lora"]  # identical updates keep the ranks' LoRAs identical
