@@ -248,6 +248,28 @@ class DRaFTLoRAStrengthSweep:
         return {"ui": {"text": [f"{lora_name}\n{table}"], "rows": rows}, "result": (table, grid)}
 
 
+# node id -> its latest run's chart data ({"total", "diversity_floor", "kept_step", "steps": [metrics]}), so the
+# canvas can redraw the chart after a page reload or when the workflow is reopened (while the server runs).
+CHART_HISTORY = {}
+
+
+def register_chart_history_route():
+    import server
+    from aiohttp import web
+
+    instance = getattr(server.PromptServer, "instance", None)
+    if instance is None:  # imported without a server (library tests)
+        return
+
+    @instance.routes.get("/comfy_draft/history")
+    async def chart_history(request):
+        # copies: the training thread appends while this serialises
+        return web.json_response({k: dict(v, steps=list(v["steps"])) for k, v in list(CHART_HISTORY.items())})
+
+
+register_chart_history_route()
+
+
 class DRaFTTrainLoRA:
     DESCRIPTION = ("Trains a LoRA on the UNet with DRaFT so that sampled images score higher on the reward. Saves it "
                    "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied.")
@@ -335,8 +357,9 @@ class DRaFTTrainLoRA:
         state = os.path.join(states, resume_state if resume_state != "none" else
                              os.path.join(subfolder, f"{name}_{counter:05}_.state.pt"))
         validator = Validator(*validation) if validation is not None else None
+        floor = validator.config.diversity_floor if validator is not None else 0.0
         trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
-                          [self.reporter(unique_id, training_steps)], checkpoint_path=state, validator=validator)
+                          [self.reporter(unique_id, training_steps, floor)], checkpoint_path=state, validator=validator)
         held_out = validator.config.prompts if validator is not None else []
         trainer.backend.encode([*config.prompts, config.negative_prompt, *held_out])  # CLIP's work done up front
         estimate = trainer.memory_estimate()
@@ -363,7 +386,6 @@ class DRaFTTrainLoRA:
         trainer.save_lora(path)
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
-            floor = validator.config.diversity_floor if validator is not None else 0.0
             curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
         text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
                 f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
@@ -375,15 +397,19 @@ class DRaFTTrainLoRA:
         if skipped:
             text += f"\n{skipped} step(s) skipped: the fp16 gradient overflowed (the loss scale was lowered)"
         text += "".join(f"\nWARNING: {w}" for w in trainer.warnings)
+        CHART_HISTORY[str(unique_id)]["kept_step"] = trainer.kept_step
         return {"ui": {"text": [text]},
                 "result": (patched, path, curve, history[-1]["reward"])}
 
-    def reporter(self, node_id, total):
-        """Progress bar, sample previews, the chart's websocket event and the interrupt check, per step."""
+    def reporter(self, node_id, total, diversity_floor=0.0):
+        """Progress bar, sample previews, the chart's websocket event (kept in CHART_HISTORY for replay) and the
+        interrupt check, per step."""
         import server
         from PIL import Image
 
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        chart = CHART_HISTORY[str(node_id)] = {"total": total, "diversity_floor": diversity_floor, "kept_step": None,
+                                               "steps": []}
 
         def report(metrics, images):
             step = metrics["step"]
@@ -392,8 +418,10 @@ class DRaFTTrainLoRA:
                 grid = images.movedim(1, -1).flatten(0, 1) if images.shape[0] <= 4 else images[0].movedim(0, -1)
                 preview = ("JPEG", Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8")), 512)
             bar.update_absolute(step, total, preview)
+            event = dict(metrics, node=node_id, total=total, diversity_floor=diversity_floor)
+            chart["steps"].append(event)
             instance = server.PromptServer.instance
-            instance.send_sync("comfy_draft.train_step", dict(metrics, node=node_id, total=total), instance.client_id)
+            instance.send_sync("comfy_draft.train_step", event, instance.client_id)
             comfy.model_management.throw_exception_if_processing_interrupted()
         return report
 

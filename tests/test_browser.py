@@ -57,7 +57,48 @@ def test_example_workflow_loads_without_missing_nodes(page, name):
     assert page.get_by_text("Missing Node Types").count() == 0
 
 
-def test_trainer_chart_updates_during_a_run(page, comfy_server, tiny_sd15, comfyui):
+# The training chart of node `id`: its steps and, per uPlot panel, the title, legend labels and the tick labels
+# uPlot drew on the axes (axis._values).
+CHART = """(id) => {
+    const chart = app.graph.getNodeById(id)?.draftChart;
+    if (!chart) return null;
+    const steps = chart.chart.steps;
+    return {steps: steps.map((m) => m.step), validated: steps.filter((m) => 'val_reward' in m).map((m) => m.step),
+            kept: chart.chart.kept_step,
+            panels: chart.plots.map((u) => ({title: u.root.querySelector('.u-title').textContent,
+                                             series: u.series.slice(1).map((s) => s.label),
+                                             x: u.axes[0]._values, y: u.axes[1]._values,
+                                             height: u.root.getBoundingClientRect().height}))};
+}"""
+
+
+def chart(page):
+    return page.evaluate(CHART, 3)
+
+
+def wait_chart(page, comfy_server, done, timeout=300, seen=None):
+    """Polls the chart until `done(chart)`; `seen` collects the step counts on the way."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and "invalid prompt" not in comfy_server.log():
+        state = chart(page)
+        count = len(state["steps"]) if state else 0
+        if seen is not None and (not seen or seen[-1] != count):
+            seen.append(count)
+        if state and done(state):
+            return state
+        time.sleep(0.2)
+    pytest.fail(f"chart not as expected: {chart(page)}\n{comfy_server.log()[-3000:]}")
+
+
+def is_number(text):
+    try:
+        float(text.replace(",", "").replace("\u2212", "-"))
+        return True
+    except ValueError:
+        return False
+
+
+def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_server, tiny_sd15, comfyui):
     folder = comfy_server.base_dir / "models" / "reward_models"
     folder.mkdir(parents=True, exist_ok=True)
     write_aesthetic_mlp(folder / "sac+logos+ava1-l14-linearMSE.pth", aesthetic_mlp(OPEN_CLIP["embed_dim"]))
@@ -74,24 +115,55 @@ def test_trainer_chart_updates_during_a_run(page, comfy_server, tiny_sd15, comfy
     prompt["11"]["inputs"].update(every=3, seeds=2)
     load_workflow(page, api_to_ui(prompt, classes, positions, titles))
     assert ui_to_api(api_to_ui(prompt, classes, positions, titles), classes) == json.loads(json.dumps(prompt))
-    page.evaluate("app.canvas.ds.offset = [-330, 0]; app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true)")
     page.evaluate("app.queuePrompt(0, 1)")
 
-    seen, deadline = [], time.time() + 300
-    while time.time() < deadline and "invalid prompt" not in comfy_server.log():
-        length = page.evaluate("app.graph.getNodeById(3).draftHistory?.length ?? 0")
-        if not seen or seen[-1] != length:
-            seen.append(length)
-        if length == 6:
-            break
-        time.sleep(0.2)
-    assert seen[-1] == 6, f"chart history lengths seen: {seen}\n{comfy_server.log()[-3000:]}"
+    # live: the websocket events grow the chart while training runs
+    seen = []
+    wait_chart(page, comfy_server, lambda c: len(c["steps"]) >= 2, seen=seen)
     assert any(0 < n < 6 for n in seen)  # it updated while training ran, not only at the end
-    steps = page.evaluate("app.graph.getNodeById(3).draftHistory.map((m) => m.step)")
-    assert steps == [1, 2, 3, 4, 5, 6]
-    validated = page.evaluate("app.graph.getNodeById(3).draftHistory.filter((m) => 'val_reward' in m).map((m) => m.step)")
-    assert validated == [3, 6]  # held-out validation points on the chart
+
+    # a page reload mid-run: the chart replays the steps done so far from /comfy_draft/history
+    done_before = len(comfy_server.get("/comfy_draft/history")["3"]["steps"])
+    page.reload()
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+    replayed = wait_chart(page, comfy_server, lambda c: len(c["steps"]) >= done_before)
+    assert replayed["steps"][:done_before] == list(range(1, done_before + 1))
+    print(f"reloaded after {done_before} of 6 steps (mid-run: {done_before < 6}); chart replayed {replayed['steps']}")
+
+    state = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == 6 and c["kept"] is not None)
+    assert state["steps"] == [1, 2, 3, 4, 5, 6]
+    assert state["validated"] == [3, 6]  # held-out validation points on the chart
+    panels = {p["title"]: p for p in state["panels"]}
+    assert len(panels) >= 3 and {"reward", "diversity (held-out)", "gradient norm / KL"} <= set(panels), panels
+    assert {"reward (per step)", "reward (smoothed)", "held-out reward"} <= set(panels["reward"]["series"])
+    assert "diversity floor" in panels["diversity (held-out)"]["series"]
+    for p in panels.values():  # real axes: numeric tick labels on both, and drawn
+        assert p["height"] > 100 and p["y"] and p["x"], p
+        assert all(is_number(v) for v in p["x"] + p["y"]), p
+
+    # the node's chart on screen: its bottom in view; hovering a panel shows values in uPlot's legend
+    page.evaluate("""() => {
+        const n = app.graph.getNodeById(3), chart = n.widgets.find((w) => w.name === "training_chart");
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [120 - n.pos[0], 50 - n.pos[1] - chart.y];
+        app.graph.setDirtyCanvas(true, true);
+    }""")
     page.wait_for_timeout(500)
+    shown, needed = page.evaluate("""() => {
+        const chart = app.graph.getNodeById(3).draftChart;
+        return [chart.element.getBoundingClientRect().height, chart.content.getBoundingClientRect().height];
+    }""")
+    assert shown >= needed - 2, (shown, needed)  # no panel or legend cut off
+    over = page.locator(".comfy-draft-chart .u-over").first
+    over.hover()
+    values = page.locator(".comfy-draft-chart .u-legend").first.locator(".u-value").all_inner_texts()
+    assert any(is_number(v) for v in values[1:]), values
+    assert not [e for e in page.errors if "comfy_draft" in e or "uPlot" in e], page.errors
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "trainer_chart.png"))
     assert (ARTIFACTS / "trainer_chart.png").stat().st_size > 10_000
+
+    # the workflow reopened after the run: the final curve, kept step included
+    load_workflow(page, api_to_ui(prompt, classes, positions, titles))
+    reopened = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == 6, timeout=30)
+    assert reopened["kept"] == state["kept"] and len(reopened["panels"]) == len(state["panels"])

@@ -126,7 +126,8 @@ def train_aesthetic():
             "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 2, "training_steps": 200,
             "sampling_steps": 50, "cfg": 7.5, "width": 512, "height": 512, "batch_size": 1, "learning_rate": 4e-4,
             "rank": 8, "seed": 0, "save_every": 50, "lora_name": "draft/aesthetic",
-            "resume_lora": "none", "kl_coef": 0.0, "reward_resolution": 256, "validation": ["11", 0]}},
+            "resume_lora": "none", "resume_state": "none", "kl_coef": 0.0, "reward_resolution": 256,
+            "validation": ["11", 0]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
         **sampling_nodes(5, ["3", 0], ["1", 1], ["1", 2]),
         "11": {"class_type": "DRaFTValidation", "inputs": {

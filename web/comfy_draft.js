@@ -1,63 +1,208 @@
-// comfy-draft canvas extension: a live reward chart on DRaFTTrainLoRA (from the node's
-// "comfy_draft.train_step" websocket events) and the scores text on DRaFTScoreImages.
-// Without this extension the pack still works: the trainer's IMAGE output carries the curve.
+// comfy-draft canvas extension: a live training chart on DRaFTTrainLoRA (from the node's
+// "comfy_draft.train_step" websocket events, replayed from /comfy_draft/history after a reload) and the
+// scores text on DRaFTScoreImages. Without this extension the pack still works: the trainer's IMAGE output
+// carries the curve.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
+// uPlot 1.6.32 (MIT, Leon Sorokin), vendored from npm into lib/uplot/ (ES module build: ComfyUI imports
+// every .js under web/ as a module, so this file is loaded once, from the same URL).
+import uPlot from "./lib/uplot/uPlot.esm.js";
 
-const CHART_HEIGHT = 200;
-const SERIES = [
-  ["reward", "#4a90e2"],
-  ["loss", "#e2733a"],
-  ["grad_norm", "#5cb85c"],
-];
-// Held-out validation metrics (val_reward, val_<judge>, val_diversity, ...) arrive every few steps.
-const VALIDATION_COLOURS = ["#d9534f", "#f0ad4e", "#b366ff", "#5bc0de", "#e0e0e0"];
+const css = document.createElement("link");
+css.rel = "stylesheet";
+css.href = new URL("./lib/uplot/uPlot.min.css", import.meta.url).href;
+const style = document.createElement("style");
+style.textContent = `.comfy-draft-chart .u-title { font-size: 12px; font-weight: normal; }
+.comfy-draft-chart .u-legend { font-size: 11px; }`;
+document.head.append(css, style);
 
-function seriesOf(history) {
-  const keys = new Set();
-  history.forEach((m) => Object.keys(m).forEach((k) => k.startsWith("val_") && keys.add(k)));
-  return SERIES.concat([...keys].sort().map((k, i) => [k, VALIDATION_COLOURS[i % VALIDATION_COLOURS.length]]));
+const PLOT_HEIGHT = 140;
+const COLOURS = ["#4a90e2", "#f0ad4e", "#b366ff", "#5cb85c", "#5bc0de", "#e0e0e0"];
+const MIN_WIDTH = 420;  // node width that fits the panels' axes and legends
+const AXIS = { stroke: "#bbb", grid: { stroke: "#ffffff1a" }, ticks: { stroke: "#ffffff33" }, font: "10px sans-serif" };
+
+// Ticks and legend values: uPlot's default rounds to 3 decimals, which shows small gradients and KL as 0.
+const fmt = (v) => (v == null ? "--" : v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(2) : String(+v.toPrecision(4)));
+
+// A y axis as wide as its longest tick label (small gradients and KL have long ones).
+function axisSize(u, values, axisIdx, cycleNum) {
+  const axis = u.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  u.ctx.font = axis.font[0];
+  const longest = Math.max(0, ...(values ?? []).map((v) => u.ctx.measureText(v).width));
+  return Math.ceil(axis.ticks.size + axis.gap + longest / uPlot.pxRatio) + 4;
 }
 
-function drawChart(ctx, history, width, top) {
-  const pad = 10, x0 = pad, y0 = top + 30, w = width - 2 * pad, h = CHART_HEIGHT - 38;
-  ctx.save();
-  ctx.fillStyle = "#1e1e1e";
-  ctx.fillRect(x0, y0, w, h);
-  ctx.strokeStyle = "#555";
-  ctx.strokeRect(x0, y0, w, h);
-  ctx.font = "11px sans-serif";
-  if (!history?.length) {
-    ctx.fillStyle = "#888";
-    ctx.fillText("reward chart: waiting for training steps", x0 + 8, y0 + h / 2);
-    ctx.restore();
-    return;
-  }
-  const last = history[history.length - 1];
-  const total = Math.max(2, last.total ?? last.step);
-  const series = seriesOf(history);
-  series.forEach(([key, colour], i) => {
-    const points = history.filter((m) => Number.isFinite(m[key]));
-    if (!points.length) return;
-    const values = points.map((m) => m[key]);
-    const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
-    ctx.strokeStyle = ctx.fillStyle = colour;
-    ctx.lineWidth = key === "reward" ? 2 : 1;
-    ctx.beginPath();
-    points.forEach((m, j) => {
-      const x = x0 + (w * (m.step - 1)) / (total - 1);
-      const y = y0 + h - (h * (m[key] - lo)) / span;
-      j ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
-      if (key.startsWith("val_")) ctx.fillRect(x - 2, y - 2, 4, 4);
-    });
-    ctx.stroke();
-    const label = `${key} ${Number(values[values.length - 1]).toPrecision(4)}`;
-    ctx.fillText(label, x0 + (i % 4) * (w / 4), top + 12 + 13 * Math.floor(i / 4));
+// The panels with data: [title, metric keys], as comfy_draft/plotting.py's curve_panels.
+function panelsOf(steps) {
+  const val = [...new Set(steps.flatMap((m) => Object.keys(m).filter((k) => k.startsWith("val_"))))].sort();
+  const panels = [
+    ["reward", ["reward", ...val.filter((k) => k === "val_reward")]],
+    ["judges (held-out)", val.filter((k) => k !== "val_reward" && !k.includes("diversity"))],
+    ["diversity (held-out)", val.filter((k) => k.includes("diversity"))],
+    ["gradient norm / KL", steps.some((m) => m.kl) ? ["grad_norm", "kl"] : ["grad_norm"]],
+  ];
+  return panels.filter(([, keys]) => keys.length);
+}
+
+// Exponential moving average, debiased at the start (as TensorBoard smooths; plotting.smoothed).
+function smoothed(values, weight = 0.8) {
+  let average = 0, i = 0;
+  return values.map((v) => {
+    if (v == null) return null;
+    average = weight * average + (1 - weight) * v;
+    return average / (1 - weight ** ++i);
   });
-  ctx.fillStyle = "#aaa";
-  ctx.fillText(`step ${last.step}/${last.total}`, x0 + w - 80, y0 + h - 5);
-  ctx.restore();
+}
+
+const label = (key) => key.replace("val_", "held-out ").replaceAll("_", " ");
+const column = (steps, key) => steps.map((m) => (Number.isFinite(m[key]) ? m[key] : null));
+
+// uPlot series and data columns of one panel (x: the step).
+function panelData(keys, chart) {
+  const { steps, diversity_floor: floor } = chart;
+  const series = [{ label: "step" }], data = [steps.map((m) => m.step)];
+  keys.forEach((key, i) => {
+    const values = column(steps, key), colour = COLOURS[i % COLOURS.length];
+    if (key === "reward") {
+      const dots = { show: true, size: 4 };
+      series.push({ label: "reward (per step)", stroke: colour + "88", paths: () => null, points: dots });
+      series.push({ label: "reward (smoothed)", stroke: colour, width: 2 });
+      data.push(values, smoothed(values));
+    } else {
+      const validated = key.startsWith("val_");  // every few steps: points joined across the gaps
+      series.push({ label: label(key), stroke: colour, spanGaps: validated, points: { show: validated, size: 6 } });
+      data.push(values);
+    }
+  });
+  if (keys.includes("val_diversity") && floor > 0) {
+    series.push({ label: "diversity floor", stroke: "#d9534f", dash: [6, 4], points: { show: false } });
+    data.push(steps.map(() => floor));
+  }
+  return { series, data };
+}
+
+// A dotted line at the kept step (the best validated LoRA, or the last), once the node reports it.
+const keptStepLine = (chartData) => ({
+  hooks: {
+    draw: [(u) => {
+      const chart = chartData();
+      if (chart.kept_step == null) return;
+      const x = Math.round(u.valToPos(chart.kept_step, "x", true));
+      const { ctx, bbox } = u;
+      ctx.save();
+      ctx.strokeStyle = "#eee";
+      ctx.setLineDash([2, 3]);
+      ctx.beginPath();
+      ctx.moveTo(x, bbox.top);
+      ctx.lineTo(x, bbox.top + bbox.height);
+      ctx.stroke();
+      ctx.fillStyle = "#eee";
+      ctx.font = `${10 * uPlot.pxRatio}px sans-serif`;
+      ctx.textAlign = "right";
+      ctx.fillText("kept", x - 3 * uPlot.pxRatio, bbox.top + 10 * uPlot.pxRatio);
+      ctx.restore();
+    }],
+  },
+});
+
+class TrainingChart {
+  constructor(node) {
+    this.node = node;
+    this.chart = { steps: [], total: 0, diversity_floor: 0, kept_step: null };
+    this.plots = [];
+    this.element = document.createElement("div");
+    this.element.className = "comfy-draft-chart";
+    this.element.style.cssText = "overflow:hidden;background:#1e1e1e;color:#ddd;font:11px sans-serif;";
+    this.content = document.createElement("div");  // natural height: the widget's minimum
+    this.element.append(this.content);
+    this.render();
+    new ResizeObserver(() => this.plots.forEach((u) => u.setSize({ width: this.width(), height: PLOT_HEIGHT })))
+      .observe(this.element);
+  }
+
+  width() {
+    return Math.max(200, this.element.clientWidth || this.node.size[0] - 20);
+  }
+
+  // The run's chart data (from the history route), unless the live events already hold as much.
+  replay(chart) {
+    if (chart && chart.steps.length >= this.chart.steps.length) this.set(chart);
+  }
+
+  set(chart) {
+    this.chart = { ...this.chart, ...chart };
+    this.render();
+  }
+
+  addStep(metrics) {
+    const last = this.chart.steps.at(-1);
+    const steps = last && metrics.step > last.step ? [...this.chart.steps, metrics] : [metrics];  // a new run
+    this.set({ steps, total: metrics.total, diversity_floor: metrics.diversity_floor ?? 0,
+               kept_step: steps.length > 1 ? this.chart.kept_step : null });
+  }
+
+  render() {
+    const { steps } = this.chart;
+    if (!steps.length) {
+      this.clear();
+      this.content.textContent = "training chart: waiting for training steps";
+      this.content.style.padding = "8px";
+      return;
+    }
+    const panels = panelsOf(steps);
+    const shape = JSON.stringify([panels, this.chart.diversity_floor > 0]);
+    if (shape === this.shape) {
+      panels.forEach(([, keys], i) => this.plots[i].setData(panelData(keys, this.chart).data));
+      this.fit();
+      return;
+    }
+    this.clear();
+    this.shape = shape;
+    this.content.style.padding = "0";
+    const first = steps[0].step, chart = this.chart;
+    this.plots = panels.map(([title, keys]) => {
+      const { series, data } = panelData(keys, chart);
+      series.slice(1).forEach((s) => (s.value = (u, v) => fmt(v)));
+      return new uPlot({
+        title, width: this.width(), height: PLOT_HEIGHT, series, plugins: [keptStepLine(() => this.chart)],
+        // the x axis spans the whole run, so the chart also shows how far it has got
+        scales: { x: { time: false, range: () => [first, Math.max(this.chart.total, first + 1)] } },
+        axes: [{ ...AXIS }, { ...AXIS, size: axisSize, space: 24, values: (u, ticks) => ticks.map(fmt) }],
+        cursor: { sync: { key: `comfy_draft_${this.node.id}` } },
+        legend: { live: true },
+      }, data, this.content);
+    });
+    this.fit();
+  }
+
+  // Room for the panels and legends: grow the node when they (or the sample preview below) need it.
+  fit() {
+    requestAnimationFrame(() => {
+      const height = this.node.computeSize()[1];
+      const [width, current] = this.node.size;
+      if (current < height || width < MIN_WIDTH) {
+        this.node.setSize([Math.max(width, MIN_WIDTH), Math.max(current, height)]);
+      }
+      this.node.setDirtyCanvas(true, true);
+    });
+  }
+
+  clear() {
+    this.plots.forEach((u) => u.destroy());
+    this.plots = [];
+    this.shape = null;
+    this.content.textContent = "";
+  }
+}
+
+async function fetchHistory() {
+  try {
+    return await (await api.fetchApi("/comfy_draft/history")).json();
+  } catch {
+    return {};  // an older server without the route: live events only
+  }
 }
 
 function showText(node, text) {
@@ -70,31 +215,35 @@ function showText(node, text) {
   widget.value = text;
 }
 
+const chartOf = (id) => (app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id))?.draftChart;
+
 app.registerExtension({
   name: "comfy_draft",
   setup() {
-    api.addEventListener("comfy_draft.train_step", ({ detail }) => {
-      const node = app.graph.getNodeById(Number(detail.node)) ?? app.graph.getNodeById(detail.node);
-      if (!node) return;
-      if (detail.step === 1 || !node.draftHistory) node.draftHistory = [];
-      node.draftHistory.push(detail);
-      node.setDirtyCanvas(true, true);
-    });
+    api.addEventListener("comfy_draft.train_step", ({ detail }) => chartOf(detail.node)?.addStep(detail));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "DRaFTTrainLoRA") {
       const onNodeCreated = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         onNodeCreated?.apply(this, arguments);
-        // A canvas-drawn widget, so the node's layout reserves the chart's space.
-        this.addCustomWidget({
-          name: "reward_chart",
-          type: "comfy_draft.chart",
+        this.draftChart = new TrainingChart(this);
+        const content = this.draftChart.content;
+        this.addDOMWidget("training_chart", "comfy_draft.chart", this.draftChart.element, {
           serialize: false,
-          draw: (ctx, node, width, y) => drawChart(ctx, node.draftHistory, width, y),
-          computeSize: (width) => [width, CHART_HEIGHT],
+          margin: 4,
+          getMinHeight: () => Math.max(40, content.offsetHeight) + 2 * 4,  // the widget's margins inside
         });
         this.setSize(this.computeSize());
+        // After a reload or when the workflow is reopened: the run's steps so far. Fetched after this
+        // synchronous node creation, when a loaded workflow has given the node its id.
+        fetchHistory().then((history) => this.draftChart.replay(history[String(this.id)]));
+      };
+      // The run's end: the kept step (and any steps whose events this page missed).
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        onExecuted?.apply(this, arguments);
+        fetchHistory().then((history) => this.draftChart.replay(history[String(this.id)]));
       };
     }
     if (["DRaFTScoreImages", "DRaFTTrainLoRA", "DRaFTLoRAStrengthSweep"].includes(nodeData.name)) {
