@@ -12,6 +12,41 @@ from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Names each default once: not where the help text already does, nor for flags and empty defaults."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.nargs == 0 or action.default in (None, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def progress(total, every):
+    """`show(metrics, line, news)`: on a terminal a tqdm bar with the step's reward and gradient norm (and the
+    lines with news above it); elsewhere the line of the run's first step, every `every`-th, the last, and any
+    step with news (validation, a skipped update)."""
+    bar = None
+
+    def show(metrics, line, news):
+        nonlocal bar
+        step = metrics["step"]
+        if not sys.stdout.isatty():
+            if bar is None or step % every == 0 or step == total or news:
+                print(line, flush=True)
+            bar = True
+            return
+        import tqdm
+        if bar is None:
+            bar = tqdm.tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        bar.set_postfix(reward=f"{metrics['reward']:.4f}", grad_norm=f"{metrics['grad_norm']:.3g}", refresh=False)
+        bar.update(1)
+        if news:
+            bar.write(line)
+        if step == total:
+            bar.close()
+    return show
+
+
 def load_backend(args):
     try:
         return loading.load_backend(args.model, args.config, args.comfyui, args.device)
@@ -85,7 +120,7 @@ def add_reward_arguments(p):
 
 def train_parser(sub):
     p = sub.add_parser("train", help="train a DRaFT LoRA on a reward",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsOnce)
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="LoRA file to write (kohya .safetensors); also <out>.ckpt, <out>.jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing LoRA file")
@@ -94,17 +129,22 @@ def train_parser(sub):
     p.add_argument("--prompts", nargs="+", help="training prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--variant", choices=VARIANTS, default=TRAIN_DEFAULTS.variant)
+    p.add_argument("--variant", choices=VARIANTS, default=TRAIN_DEFAULTS.variant, help="DRaFT variant")
     p.add_argument("--k", dest="grad_steps", type=int, default=TRAIN_DEFAULTS.grad_steps, help="draft-k: K")
     p.add_argument("--lv-samples", type=int, default=TRAIN_DEFAULTS.lv_samples, help="draft-lv: n")
     for name in ("steps", "sampling_steps", "batch_size", "accumulation", "rank", "seed",
                  "save_every", "reward_resolution"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TRAIN_DEFAULTS, name))
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TRAIN_DEFAULTS, name),
+                       help=name.replace("_", " "))
     for name in ("cfg", "lr", "weight_decay", "max_grad_norm", "kl_coef"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TRAIN_DEFAULTS, name))
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TRAIN_DEFAULTS, name),
+                       help=name.replace("_", " "))
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     p.add_argument("--resnet-loras", action="store_true", help="also adapt ResNet convolutions")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="compute precision (auto: the model's half precision on CUDA, fp32 on the CPU)")
+    p.add_argument("--print-every", type=int, default=10,
+                   help="without a terminal: a line every N steps (and the first, the last, validations)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
     v = ValidationConfig(prompts=[""])
@@ -148,15 +188,15 @@ def train(args):
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
     rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
     log = open(log_path, "a" if args.resume else "w") if rank0 else None
-    warned = []
+    warned, show = [], progress(config.steps, args.print_every)
 
     def report(metrics, images):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         held_out = "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
         skipped = f"  skipped: fp16 overflow, loss scale now {trainer.scaler.get_scale():g}" if metrics["skipped"] else ""
-        print(f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  "
-              f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}{skipped}", flush=True)
+        show(metrics, f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  grad norm "
+             f"{metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}{skipped}", bool(held_out or skipped))
         for warning in trainer.warnings[len(warned):]:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
             warned.append(warning)
@@ -198,7 +238,7 @@ def train(args):
 
 def sweep_parser(sub):
     p = sub.add_parser("sweep", help="evaluate a LoRA at several strengths on held-out prompts and seeds",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsOnce)
     add_model_arguments(p)
     p.add_argument("--lora", required=True, help="kohya LoRA file")
     p.add_argument("--out", required=True, help="folder for sweep.md, sweep.json and sweep.png")
@@ -251,7 +291,7 @@ def sweep(args):
 
 
 def score_parser(sub):
-    p = sub.add_parser("score", help="score image files with a reward", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("score", help="score image files with a reward", formatter_class=DefaultsOnce)
     add_reward_arguments(p)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--prompt", default="", help="the prompt the images were made for (prompt-aware rewards)")

@@ -141,3 +141,29 @@ def test_cli_trains_a_single_file_checkpoint_through_comfyuis_loader(tmp_path, c
     refused = run_cli("train", *common[:1], str(tmp_path / "page.safetensors"), *common[2:], "--overwrite",
                       "--comfyui", str(COMFY_DIR), check=False)
     assert refused.returncode and "could not load" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_help_names_each_default_once():
+    out = run_cli("train", "--help").stdout
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "(default: cuda if available)" in out and "(default: cuda if available) (default" not in out
+    assert "--steps STEPS         steps (default: 2000)" in out
+
+
+def test_progress_prints_plain_lines_without_a_terminal_and_a_bar_on_one(monkeypatch, capsys):
+    from comfy_draft.cli import progress
+
+    def run(first=1):
+        show = progress(25, 10)
+        for step in range(first, 26):
+            show({"step": step, "reward": 0.5, "grad_norm": 0.125}, f"line {step}", news=step == 7)
+
+    run()
+    assert capsys.readouterr().out.split("\n")[:-1] == ["line 1", "line 7", "line 10", "line 20", "line 25"]
+    run(first=12)  # a resumed run: its first step, then the usual ones
+    assert capsys.readouterr().out.split("\n")[:-1] == ["line 12", "line 20", "line 25"]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    run()
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "line 7"  # news above the bar
+    assert "25/25" in printed.err and "reward=0.5000" in printed.err and "grad_norm=0.125" in printed.err
