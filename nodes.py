@@ -327,8 +327,9 @@ class DRaFTTrainLoRA:
                                                   "tooltip": "Micro-batches per optimizer step: the batch of "
                                                              "batch_size x accumulation in the memory of batch_size."}),
                          "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
-                                                       "tooltip": "Recompute UNet calls and the VAE decoder in the "
-                                                                  "backward pass: much less memory, a little slower."})},
+                                                       "tooltip": "Recompute UNet calls and the VAE decoder "
+                                                                  "in the backward pass: much less memory, a "
+                                                                  "little slower."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -370,8 +371,7 @@ class DRaFTTrainLoRA:
             lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
         if resume_state != "none":
-            with torch.inference_mode(False):  # optimizer state the training steps update in place
-                trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
+            trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
 
         def save_snapshot(metrics, images):  # a LoRA per save_every steps, to compare on the canvas
             if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:

@@ -25,15 +25,15 @@ def progress(total, every):
     """`show(metrics, line, news)`: on a terminal a tqdm bar with the step's reward and gradient norm (and the
     lines with news above it); elsewhere the line of the run's first step, every `every`-th, the last, and any
     step with news (validation, a skipped update)."""
-    bar = None
+    bar, first = None, True
 
     def show(metrics, line, news):
-        nonlocal bar
+        nonlocal bar, first
         step = metrics["step"]
         if not sys.stdout.isatty():
-            if bar is None or step % every == 0 or step == total or news:
+            if first or step % every == 0 or step == total or news:
                 print(line, flush=True)
-            bar = True
+            first = False
             return
         import tqdm
         if bar is None:
@@ -194,7 +194,8 @@ def train(args):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         held_out = "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
-        skipped = f"  skipped: fp16 overflow, loss scale now {trainer.scaler.get_scale():g}" if metrics["skipped"] else ""
+        scale = trainer.scaler.get_scale()
+        skipped = f"  skipped: fp16 overflow, loss scale now {scale:g}" if metrics["skipped"] else ""
         show(metrics, f"step {metrics['step']}/{config.steps}  reward {metrics['reward']:.4f}  grad norm "
              f"{metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s{held_out}{skipped}", bool(held_out or skipped))
         for warning in trainer.warnings[len(warned):]:

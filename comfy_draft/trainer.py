@@ -276,9 +276,9 @@ class Trainer:
         """Warn once when the first steps' gradients are all exactly zero: nothing would ever train."""
         if len(self.history) == min(ZERO_GRADIENT_STEPS, self.config.steps) and \
                 all(m["grad_norm"] == 0 for m in self.history):
-            self.warn(f"the reward's gradient was exactly zero in the first {len(self.history)} steps, so the LoRA does not "
-                      f"change: the decoded images may be saturated (all black or white: check the VAE and cfg) or "
-                      f"the reward is not differentiable")
+            self.warn(f"the reward's gradient was exactly zero in the first {len(self.history)} steps, so the LoRA "
+                      f"does not change: the decoded images may be saturated (all black or white: check the VAE and "
+                      f"cfg) or the reward is not differentiable")
 
     def warn(self, message):
         if message not in self.warnings:
@@ -358,6 +358,10 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path):
+        with torch.inference_mode(False):  # normal tensors: the optimizer state is updated in place by each step
+            return self._load_checkpoint(path)
+
+    def _load_checkpoint(self, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         processes = state.get("processes", 1)
         if processes != self.processes:  # the samples of a step depend on the number of processes

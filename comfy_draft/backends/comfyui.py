@@ -285,7 +285,7 @@ class TrainingBackend(SamplingBackend):
       `plain_copy` of the VAE decoder; text conditioning is cloned.
     - LoRAs attach as ModelPatcher weight wrappers, so guidance, SDXL conds and other patches keep working.
     - `session()` loads the UNet once for the whole run: fully when it fits, else offloaded with every
-      Linear/Conv checkpointed on its own (`offload`: None decides by free device memory). Each sampling call
+      weight-casting op checkpointed on its own (`offload`: None decides by free device memory). Each sampling call
       prepares the model the same way (a prepare-sampling wrapper, as ComfyUI's TrainGuider does), so ComfyUI
       never partially unloads it between steps.
     - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
