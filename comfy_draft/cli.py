@@ -178,6 +178,8 @@ def train(args):
                                              if f.name != "prompts"})
     try:
         config.validate()
+        if args.print_every < 1:
+            raise ValueError(f"--print-every must be >= 1, got {args.print_every}")
         validator = validator_from(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
