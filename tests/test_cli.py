@@ -148,8 +148,8 @@ def test_help_names_each_default_once():
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "(default: cuda if available)" in out and "(default: cuda if available) (default" not in out
     assert "--steps STEPS         steps (default: 2000)" in out
-    refused = run_cli("train", "--model", "digits", "--reward", "brightness", "--prompts", "a 1", "--out", "x.safetensors",
-                      "--print-every", "0", check=False)
+    refused = run_cli("train", "--model", "digits", "--reward", "brightness", "--prompts", "a 1",
+                      "--out", "x.safetensors", "--print-every", "0", check=False)
     assert refused.returncode and "--print-every must be >= 1, got 0" in refused.stderr
 
 
