@@ -1,4 +1,5 @@
 """ComfyUI nodes: thin declarations that hand off to the comfy_draft library."""
+import json
 import logging
 import os
 
@@ -14,8 +15,8 @@ from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import load_kohya_file
 from .comfy_draft.plotting import curve_image, image_grid
 from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer
-from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, strength_sweep,
-                                     sweep_table)
+from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, held_out_images,
+                                     strength_sweep, sweep_table)
 
 # models/reward_models: reward weights (files, or Hugging Face folders picked by any file inside).
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
@@ -37,12 +38,14 @@ class DRaFTDDIMSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (eps or v-prediction)."}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "positive": ("CONDITIONING", {"tooltip": "What the image should show (CLIP Text Encode)."}),
+            "negative": ("CONDITIONING", {"tooltip": "What to steer away from (classifier-free guidance)."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to fill, e.g. Empty Latent Image: its size and batch."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "The starting noise."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale."}),
         }}
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg):
@@ -59,6 +62,15 @@ class DRaFTDDIMSampler:
 SIZE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                       "tooltip": "Image size in pixels; 0: the model's native size "
                                  "(SD1.x 512, SD2 768-v 768, SDXL 1024)."})
+
+
+NEGATIVE_TOOLTIP = "The negative prompt of every sample."
+
+
+def base_model_inputs():
+    return {"model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder, for the prompts."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE, to decode samples for the reward."})}
 
 
 def training_states():
@@ -85,12 +97,15 @@ class DRaFTRewardLoader:
     def INPUT_TYPES(cls):
         files = reward_files()
         return {"required": {
-            "family": (list(rewards.FAMILIES),),
-            "file": (files,),
+            "family": (list(rewards.FAMILIES), {"tooltip": "Which kind of reward the file holds (see the node's "
+                                                                       "description)."}),
+            "file": (files, {"tooltip": "The reward's weights, from models/reward_models."}),
             "clip_file": (["none"] + files, {"tooltip": "aesthetic only: the CLIP ViT-L/14 image tower."}),
             "text": ("STRING", {"default": "", "multiline": False,
-                                "tooltip": "clip_similarity: target text. imagenet_classifier: class names or indices, comma separated."}),
-            "maximize": ("BOOLEAN", {"default": True, "tooltip": "imagenet_classifier: False pushes images away from the classes."}),
+                                "tooltip": "clip_similarity: target text. imagenet_classifier: class names or "
+                                           "indices, comma separated."}),
+            "maximize": ("BOOLEAN", {"default": True,
+                                     "tooltip": "imagenet_classifier: False pushes images away from the classes."}),
         }}
 
     def load(self, family, file, clip_file, text, maximize):
@@ -107,7 +122,8 @@ class DRaFTBuiltinReward:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (list(rewards.BUILTIN_REWARDS),)}}
+        return {"required": {"kind": (list(rewards.BUILTIN_REWARDS),
+                                      {"tooltip": "The image statistic to raise (higher is better)."})}}
 
     def load(self, kind):
         return (rewards.builtin_reward(kind),)
@@ -121,10 +137,13 @@ class DRaFTRewardCombine:
 
     @classmethod
     def INPUT_TYPES(cls):
-        weight = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        return {"required": {"reward_a": ("DRAFT_REWARD",), "weight_a": weight,
-                             "reward_b": ("DRAFT_REWARD",), "weight_b": weight},
-                "optional": {"reward_c": ("DRAFT_REWARD",), "weight_c": weight}}
+        def weight(name):
+            return ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                              "tooltip": f"Weight of {name}; negative pushes it down."})
+        return {"required": {"reward_a": ("DRAFT_REWARD", {"tooltip": "A reward to add."}), "weight_a": weight("a"),
+                             "reward_b": ("DRAFT_REWARD", {"tooltip": "A reward to add."}), "weight_b": weight("b")},
+                "optional": {"reward_c": ("DRAFT_REWARD", {"tooltip": "Optional third reward."}),
+                             "weight_c": weight("c")}}
 
     def combine(self, reward_a, weight_a, reward_b, weight_b, reward_c=None, weight_c=1.0):
         pairs = [(reward_a, weight_a), (reward_b, weight_b)] + ([(reward_c, weight_c)] if reward_c is not None else [])
@@ -141,8 +160,11 @@ class DRaFTScoreImages:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), "reward": ("DRAFT_REWARD",),
-                             "prompt": ("STRING", {"default": "", "multiline": True})}}
+        return {"required": {"images": ("IMAGE", {"tooltip": "The images to score."}),
+                             "reward": ("DRAFT_REWARD", {"tooltip": "The reward that scores them."}),
+                             "prompt": ("STRING", {"default": "", "multiline": True,
+                                                   "tooltip": "The prompt the images were made for (used by "
+                                                              "prompt-aware rewards such as HPSv2 and PickScore)."})}}
 
     def score(self, images, reward, prompt):
         device = comfy.model_management.get_torch_device()
@@ -184,7 +206,8 @@ class DRaFTValidation:
             "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
                                    "tooltip": "Held-out prompts, one per line: not among the training prompts."}),
             "seeds": ("INT", {"default": len(d.seeds), "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
-            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                   "tooltip": "Seeds first_seed, first_seed + 1, ...: far from the training seeds."}),
             "every": ("INT", {"default": d.every, "min": 1, "max": 100000, "tooltip": "Validate every N steps."}),
             "keep": (["best", "last"], {"tooltip": "Save the best validated LoRA, or the last one."}),
             "criterion": (["reward", *JUDGES], {"tooltip": "What 'best' means: the held-out training reward or a judge."}),
@@ -215,16 +238,21 @@ class DRaFTLoRAStrengthSweep:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
-            "lora_name": (folder_paths.get_filename_list("loras"),),
-            "reward": ("DRAFT_REWARD",),
-            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit"}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
-            "strengths": ("STRING", {"default": "0, 0.25, 0.5, 0.75, 1, 1.5"}),
+            **base_model_inputs(),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The LoRA to evaluate."}),
+            "reward": ("DRAFT_REWARD", {"tooltip": "The reward the LoRA was trained on."}),
+            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
+                                   "tooltip": "Held-out prompts, one per line."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": NEGATIVE_TOOLTIP}),
+            "strengths": ("STRING", {"default": "0, 0.25, 0.5, 0.75, 1, 1.5",
+                                     "tooltip": "LoRA strengths, comma separated (0: the base model; above 1 "
+                                                "extrapolates)."}),
             "seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
-            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                   "tooltip": "Seeds first_seed, first_seed + 1, ...; the same for every strength."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM sampling steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                              "tooltip": "Classifier-free guidance scale."}),
             "width": SIZE_INPUT,
             "height": SIZE_INPUT,
         }, "optional": judge_inputs(2)}
@@ -270,13 +298,92 @@ def register_chart_history_route():
 register_chart_history_route()
 
 
+def training_option_inputs():
+    """The trainer's advanced settings, on the DRaFT Training Options node (their defaults apply without it)."""
+    d = TrainConfig(prompts=[""])
+    return {
+        "precision": (["auto", "bf16", "fp16", "fp32"],
+                      {"default": d.precision,
+                       "tooltip": "Compute precision (LoRA weights stay fp32). auto: the model's own half precision "
+                                  "on a GPU (bf16 where the card runs it natively, fp16 with loss scaling "
+                                  "otherwise), fp32 on the CPU."}),
+        "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
+                                 "tooltip": "Micro-batches per optimizer step: the batch of batch_size x "
+                                            "accumulation in the memory of batch_size."}),
+        "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
+                                      "tooltip": "Recompute UNet calls and the VAE decoder in the backward pass: "
+                                                 "much less memory, a little slower."}),
+        "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16,
+                               "tooltip": "draft-lv: re-noised copies of the final latent per sample."}),
+        "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000,
+                      "tooltip": "draft-k: the last K sampling steps are differentiated."}),
+        "kl_coef": ("FLOAT", {"default": d.kl_coef, "min": 0.0, "max": 1e4, "step": 0.01,
+                              "tooltip": "Regulariser against reward hacking: penalise the LoRA model's noise "
+                                         "prediction for straying from the base model's (0: off)."}),
+        "reward_resolution": ("INT", {"default": d.reward_resolution, "min": 0, "max": 4096, "step": 8,
+                                      "tooltip": "Decode for the reward at this size to save memory (e.g. 256 for "
+                                                 "224 px rewards); 0: full size."}),
+        "save_every": ("INT", {"default": d.save_every, "min": 0, "max": 100000,
+                               "tooltip": "Every N steps: update the resumable training state and write the LoRA "
+                                          "of that step with a preview image beside it (0: the state at the end "
+                                          "only)."}),
+    }
+
+
+def training_options(options):
+    """The options node's values, or the defaults where no options node is connected."""
+    defaults = {name: spec[1]["default"] for name, spec in training_option_inputs().items()}
+    return {**defaults, **(options or {})}
+
+
+class DRaFTTrainingOptions:
+    DESCRIPTION = ("Advanced settings for DRaFT Train LoRA (connect to its `options` input): precision, gradient "
+                   "accumulation and checkpointing (memory), the draft-k and draft-lv parameters, the regulariser, "
+                   "the reward's decode size and how often to save. Without it the trainer uses these defaults.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "build"
+    RETURN_TYPES = ("DRAFT_OPTIONS",)
+    RETURN_NAMES = ("options",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": training_option_inputs()}
+
+    def build(self, **options):
+        return (options,)
+
+
+# A preview beside each LoRA snapshot: the first prompts at the run's seed (the same noise at every snapshot, so
+# snapshots compare like for like); ComfyUI's model library shows <lora>.png as the LoRA's preview.
+PREVIEW_PROMPTS = 4
+
+
+def save_preview(trainer, lora_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    c = trainer.config
+    prompts = c.prompts[:PREVIEW_PROMPTS]
+    with torch.inference_mode(False):
+        images = held_out_images(trainer.backend, prompts, [c.seed], c.negative_prompt, c.cfg, c.sampling_steps,
+                                 c.width, c.height)
+    info = PngInfo()
+    info.add_text("comfy_draft", json.dumps({"step": trainer.step, "prompts": prompts, "seed": c.seed}))
+    path = os.path.splitext(lora_path)[0] + ".png"
+    Image.fromarray(image_grid(images, len(prompts))).save(path, pnginfo=info)
+    return path
+
+
 class DRaFTTrainLoRA:
     DESCRIPTION = ("Trains a LoRA on the UNet with DRaFT so that sampled images score higher on the reward. Saves it "
-                   "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied.")
+                   "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied. "
+                   "Advanced settings: connect a DRaFT Training Options node.")
     CATEGORY = "DRaFT"
     FUNCTION = "train"
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "FLOAT")
     RETURN_NAMES = ("model", "lora_path", "reward_curve", "final_reward")
+    OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied.", "The LoRA file written.",
+                       "The training curves as an image.", "The mean reward of the last step.")
     OUTPUT_NODE = True
     PREVIEW_EVERY = 5  # steps between sample previews on the node
 
@@ -285,25 +392,34 @@ class DRaFTTrainLoRA:
         d = TrainConfig(prompts=[""])
         return {
             "required": {
-                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "reward": ("DRAFT_REWARD",),
+                **base_model_inputs(),
+                "reward": ("DRAFT_REWARD", {"tooltip": "What to maximise (DRaFT Reward Loader, Built-in Reward or "
+                                                       "Combine Rewards)."}),
                 "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na lighthouse at dusk",
                                        "tooltip": "One prompt per line; each step samples a batch from them."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
-                "variant": (list(VARIANTS), {"default": d.variant}),
-                "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000, "tooltip": "draft-k: steps differentiated."}),
-                "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16, "tooltip": "draft-lv: re-noised copies."}),
-                "training_steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
-                "sampling_steps": ("INT", {"default": d.sampling_steps, "min": 1, "max": 1000}),
-                "cfg": ("FLOAT", {"default": d.cfg, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": NEGATIVE_TOOLTIP}),
+                "variant": (list(VARIANTS), {"default": d.variant,
+                                             "tooltip": "What is differentiated: draft-lv (the last step, re-noised "
+                                                        "copies), draft-k (the last K steps), draft (all), "
+                                                        "alignprop (random K), refl (one random late step)."}),
+                "training_steps": ("INT", {"default": 200, "min": 1, "max": 100000,
+                                           "tooltip": "Optimizer steps."}),
+                "sampling_steps": ("INT", {"default": d.sampling_steps, "min": 1, "max": 1000,
+                                           "tooltip": "DDIM steps of each training sample."}),
+                "cfg": ("FLOAT", {"default": d.cfg, "min": 0.0, "max": 100.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale while training."}),
                 "width": SIZE_INPUT,
                 "height": SIZE_INPUT,
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-                "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0, "max": 1.0, "step": 1e-5, "round": 1e-6}),
-                "rank": ("INT", {"default": d.rank, "min": 1, "max": 256}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000,
-                                       "tooltip": "Write a resumable training checkpoint every N steps (0: at the end)."}),
-                "lora_name": ("STRING", {"default": "draft/draft_lora"}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
+                "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0, "max": 1.0, "step": 1e-5, "round": 1e-6,
+                                            "tooltip": "AdamW learning rate of the LoRA weights."}),
+                "rank": ("INT", {"default": d.rank, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Every random choice (LoRA initialisation, prompts, noise): the same "
+                                            "settings and seed give the same LoRA."}),
+                "lora_name": ("STRING", {"default": "draft/draft_lora",
+                                         "tooltip": "File name prefix in the loras folder (a subfolder may be "
+                                                    "given); a counter keeps every run's file."}),
             },
             "optional": {"resume_lora": (["none"] + folder_paths.get_filename_list("loras"),
                                          {"tooltip": "Start from this LoRA (same rank), at step 0."}),
@@ -311,25 +427,12 @@ class DRaFTTrainLoRA:
                                           {"tooltip": "Continue a saved training state exactly (step, optimizer, "
                                                       "random state) with the same settings; training_steps may "
                                                       "be raised. The state file is updated as training goes on."}),
-                         "kl_coef": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e4, "step": 0.01,
-                                               "tooltip": "Regulariser against reward hacking: penalise the LoRA "
-                                                          "model's noise prediction for straying from the base model's."}),
-                         "reward_resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
-                                                       "tooltip": "Decode for the reward at this size to save memory "
-                                                                  "(e.g. 256 for 224 px rewards); 0: full size."}),
                          "validation": ("DRAFT_VALIDATION", {"tooltip": "Held-out validation, keep-best and early "
                                                                         "stopping (DRaFT Validation node)."}),
-                         "precision": (["auto", "bf16", "fp16", "fp32"],
-                                       {"tooltip": "Compute precision (LoRA weights stay fp32). auto: the model's own "
-                                                   "half precision on a GPU (bf16 where the card runs it natively, "
-                                                   "fp16 with loss scaling otherwise), fp32 on the CPU."}),
-                         "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
-                                                  "tooltip": "Micro-batches per optimizer step: the batch of "
-                                                             "batch_size x accumulation in the memory of batch_size."}),
-                         "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
-                                                       "tooltip": "Recompute UNet calls and the VAE decoder "
-                                                                  "in the backward pass: much less memory, a "
-                                                                  "little slower."})},
+                         "options": ("DRAFT_OPTIONS", {"tooltip": "Advanced settings (DRaFT Training Options node): "
+                                                                  "precision, accumulation, checkpointing, k, "
+                                                                  "lv_samples, kl_coef, reward_resolution, "
+                                                                  "save_every."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -337,20 +440,21 @@ class DRaFTTrainLoRA:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # training is never taken from the cache
 
-    def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, k, lv_samples, training_steps,
-              sampling_steps, cfg, width, height, batch_size, learning_rate, rank, seed, save_every, lora_name,
-              resume_lora="none", resume_state="none", kl_coef=0.0, reward_resolution=0, validation=None,
-              precision="auto", accumulation=1, checkpointing=True, unique_id=None):
+    def train(self, model, clip, vae, reward, prompts, negative_prompt, variant, training_steps, sampling_steps, cfg,
+              width, height, batch_size, learning_rate, rank, seed, lora_name, resume_lora="none",
+              resume_state="none", validation=None, options=None, unique_id=None):
         if resume_lora != "none" and resume_state != "none":
             raise ValueError("choose resume_lora (a LoRA to start from) or resume_state (a run to continue), not both")
+        o = training_options(options)
+        save_every = o["save_every"]
         size = backend.native_size(model)
         width, height = width or size, height or size
         config = TrainConfig(
-            prompts=lines(prompts), negative_prompt=negative_prompt,
-            variant=variant, grad_steps=k, lv_samples=lv_samples, steps=training_steps, sampling_steps=sampling_steps,
-            cfg=cfg, width=width, height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed,
-            save_every=save_every, kl_coef=kl_coef, reward_resolution=reward_resolution, precision=precision,
-            accumulation=accumulation, checkpointing=checkpointing)
+            prompts=lines(prompts), negative_prompt=negative_prompt, variant=variant, grad_steps=o["k"],
+            lv_samples=o["lv_samples"], steps=training_steps, sampling_steps=sampling_steps, cfg=cfg, width=width,
+            height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed, save_every=save_every,
+            kl_coef=o["kl_coef"], reward_resolution=o["reward_resolution"], precision=o["precision"],
+            accumulation=o["accumulation"], checkpointing=o["checkpointing"])
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
@@ -373,9 +477,10 @@ class DRaFTTrainLoRA:
         if resume_state != "none":
             trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
 
-        def save_snapshot(metrics, images):  # a LoRA per save_every steps, to compare on the canvas
+        def save_snapshot(metrics, images):  # a LoRA and its preview per save_every steps, to compare on the canvas
             if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:
-                trainer.save_lora(path.replace("_.safetensors", f"_step{metrics['step']}_.safetensors"))
+                save_preview(trainer, trainer.save_lora(path.replace("_.safetensors",
+                                                                     f"_step{metrics['step']}_.safetensors")))
         trainer.callbacks.append(save_snapshot)
         try:
             history = trainer.train()
@@ -384,6 +489,8 @@ class DRaFTTrainLoRA:
                 trainer.save_lora(path.replace("_.safetensors", f"_partial_{trainer.step}_.safetensors"))
             raise
         trainer.save_lora(path)
+        if save_every:  # the last snapshot, beside the others
+            save_preview(trainer, path)
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
             curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
@@ -433,6 +540,7 @@ NODE_CLASS_MAPPINGS = {
     "DRaFTRewardCombine": DRaFTRewardCombine,
     "DRaFTScoreImages": DRaFTScoreImages,
     "DRaFTTrainLoRA": DRaFTTrainLoRA,
+    "DRaFTTrainingOptions": DRaFTTrainingOptions,
     "DRaFTValidation": DRaFTValidation,
     "DRaFTLoRAStrengthSweep": DRaFTLoRAStrengthSweep,
 }
@@ -443,6 +551,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTRewardCombine": "DRaFT Combine Rewards",
     "DRaFTScoreImages": "DRaFT Score Images",
     "DRaFTTrainLoRA": "DRaFT Train LoRA",
+    "DRaFTTrainingOptions": "DRaFT Training Options",
     "DRaFTValidation": "DRaFT Validation",
     "DRaFTLoRAStrengthSweep": "DRaFT LoRA Strength Sweep",
 }

@@ -246,8 +246,8 @@ def train_prompt(server, ckpt, res, steps, name):
         elif isinstance(spec[0], list) and spec[0]:
             inputs[key] = spec[0][0]
     links = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0]}
-    inputs.update(links, prompts=PROMPTS, variant="draft-lv", lv_samples=2, training_steps=3, sampling_steps=steps,
-                  width=res, height=res, batch_size=1, seed=0, save_every=0, lora_name=f"gpu_check/{name}")
+    inputs.update(links, prompts=PROMPTS, variant="draft-lv", training_steps=3, sampling_steps=steps, width=res,
+                  height=res, batch_size=1, seed=0, lora_name=f"gpu_check/{name}")  # default options: n = 2
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
             "2": {"class_type": "DRaFTRewardLoader", "inputs": {"family": "aesthetic", "file": MLP_FILE,
                                                                 "clip_file": CLIP_FILE, "text": "", "maximize": True}},

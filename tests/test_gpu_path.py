@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from test_rewards import mobilenet_v2_path
+from ui_workflows import training_options
 
 from comfy_draft import rewards
 from comfy_draft.backends import Backend
@@ -141,9 +142,10 @@ def test_half_precision_flags_train_through_the_node_and_leave_the_shared_reward
              "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
              "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
                  "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["r", 0], "prompts": "a goldfish",
-                 "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 1, "training_steps": 2,
-                 "sampling_steps": 3, "cfg": 3.0, "width": 64, "height": 64, "batch_size": 1, "learning_rate": 0.01,
-                 "rank": 2, "seed": 0, "save_every": 0, "lora_name": f"draft/{half}", "precision": half}}}
+                 "negative_prompt": "", "variant": "draft-lv", "training_steps": 2, "sampling_steps": 3, "cfg": 3.0,
+                 "width": 64, "height": 64, "batch_size": 1, "learning_rate": 0.01, "rank": 2, "seed": 0,
+                 "lora_name": f"draft/{half}", "options": ["o", 0]}},
+             "o": training_options(lv_samples=1, precision=half)}
     history = comfyui.run(train)
     cached = [m[1]["nodes"] for m in comfyui.executor.status_messages if m[0] == "execution_cached"]
     assert "r" in cached[0]  # the very reward object the first prompt scored with

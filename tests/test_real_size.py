@@ -49,9 +49,9 @@ def train_prompt(ckpt):
         "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
         "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
-            "prompts": "a red apple", "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 2,
-            "training_steps": 2, "sampling_steps": 4, "cfg": 5.0, "width": 64, "height": 64, "batch_size": 1,
-            "learning_rate": 0.05, "rank": 4, "seed": 0, "save_every": 0, "lora_name": "draft/real_sd15"}},
+            "prompts": "a red apple", "negative_prompt": "", "variant": "draft-lv", "training_steps": 2,
+            "sampling_steps": 4, "cfg": 5.0, "width": 64, "height": 64, "batch_size": 1, "learning_rate": 0.05,
+            "rank": 4, "seed": 0, "lora_name": "draft/real_sd15"}},  # default options: draft-lv n = 2
     }
 
 

@@ -98,9 +98,8 @@ def test_sdxl_through_the_train_node(comfyui, sdxl_objects):
     node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
     with torch.inference_mode():
         out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), "\n".join(PROMPTS), "",
-                         variant="draft-lv", k=1, lv_samples=2, training_steps=2, sampling_steps=3, cfg=5.0, width=64,
-                         height=64, batch_size=1, learning_rate=0.05, rank=4, seed=0, save_every=0,
-                         lora_name="draft_sdxl_node")
+                         variant="draft-lv", training_steps=2, sampling_steps=3, cfg=5.0, width=64, height=64,
+                         batch_size=1, learning_rate=0.05, rank=4, seed=0, lora_name="draft_sdxl_node")
     patched, path, curve, final_reward = out["result"]
     state_dict, metadata = load_kohya_file(path)
     assert metadata["ss_base_model_version"].startswith("sdxl") and metadata["comfy_draft_steps"] == "2"
@@ -125,9 +124,9 @@ def test_the_train_node_trains_sdxl_at_its_native_size_with_matching_size_condit
     node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
     with torch.inference_mode():
         out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), PROMPTS[0], "", variant="draft-k",
-                         k=1, lv_samples=1, training_steps=1, sampling_steps=2, cfg=5.0, width=0, height=0,
-                         batch_size=1, learning_rate=0.05, rank=2, seed=0, save_every=0, lora_name="draft_sdxl_size",
-                         reward_resolution=64)
+                         training_steps=1, sampling_steps=2, cfg=5.0, width=0, height=0, batch_size=1,
+                         learning_rate=0.05, rank=2, seed=0, lora_name="draft_sdxl_size",
+                         options={"lv_samples": 1, "reward_resolution": 64})
     config = json.loads(load_kohya_file(out["result"][1])[1]["comfy_draft_config"])
     assert (config["width"], config["height"]) == (1024, 1024)
     # Training at 1024; the memory estimate's probe runs at its own 128 px.

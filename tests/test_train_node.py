@@ -7,21 +7,24 @@ import uuid
 import pytest
 import torch
 
+from ui_workflows import training_options
+
 from comfy_draft.lora import load_kohya_file
 
 pytestmark = pytest.mark.slow
 
 
-def train_prompt(ckpt, steps=3, lora_name="draft/test", sampling_steps=4, k=1):
+def train_prompt(ckpt, steps=3, lora_name="draft/test", sampling_steps=4, seed=0, **options):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
         "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
-            "prompts": "a red apple\na blue car", "negative_prompt": "", "variant": "draft-lv", "k": k,
-            "lv_samples": 2, "training_steps": steps, "sampling_steps": sampling_steps, "cfg": 5.0, "width": 64,
-            "height": 64, "batch_size": 1, "learning_rate": 0.05, "rank": 4, "seed": 0, "save_every": 0,
-            "lora_name": lora_name}},
+            "prompts": "a red apple\na blue car", "negative_prompt": "", "variant": "draft-lv",
+            "training_steps": steps, "sampling_steps": sampling_steps, "cfg": 5.0, "width": 64, "height": 64,
+            "batch_size": 1, "learning_rate": 0.05, "rank": 4, "seed": seed, "lora_name": lora_name,
+            "options": ["11", 0]}},
+        "11": training_options(**options),
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -233,8 +236,9 @@ def test_strength_sweep_node_agrees_with_the_library(comfyui, tiny_sd15):
 
 def resume_prompt(ckpt, lora_name, steps, resume_state="none", lr=0.05):
     prompt = train_prompt(ckpt, steps=steps, lora_name=lora_name, sampling_steps=3)
-    prompt = {k: prompt[k] for k in ("1", "2", "3")}
-    prompt["3"]["inputs"].update(resume_state=resume_state, learning_rate=lr, save_every=1)
+    prompt = {k: prompt[k] for k in ("1", "2", "3", "11")}
+    prompt["3"]["inputs"].update(resume_state=resume_state, learning_rate=lr)
+    prompt["11"]["inputs"]["save_every"] = 1
     return prompt
 
 

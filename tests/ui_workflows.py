@@ -116,6 +116,13 @@ def sampling_nodes(first, model, clip, vae, seed=1, prompt="a lighthouse at dusk
     }
 
 
+def training_options(**overrides):
+    """A DRaFT Training Options node with the trainer's defaults, some overridden."""
+    return {"class_type": "DRaFTTrainingOptions", "inputs": {
+        "precision": "auto", "accumulation": 1, "checkpointing": True, "lv_samples": 2, "k": 1, "kl_coef": 0.0,
+        "reward_resolution": 0, "save_every": 0, **overrides}}
+
+
 def train_aesthetic():
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
@@ -123,11 +130,10 @@ def train_aesthetic():
         "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
             "prompts": "a lighthouse at dusk, oil painting\na cat sitting on a windowsill\na bowl of fruit on a table",
-            "negative_prompt": "", "variant": "draft-lv", "k": 1, "lv_samples": 2, "training_steps": 200,
-            "sampling_steps": 50, "cfg": 7.5, "width": 512, "height": 512, "batch_size": 1, "learning_rate": 4e-4,
-            "rank": 8, "seed": 0, "save_every": 50, "lora_name": "draft/aesthetic",
-            "resume_lora": "none", "resume_state": "none", "kl_coef": 0.0, "reward_resolution": 256,
-            "validation": ["11", 0]}},
+            "negative_prompt": "", "variant": "draft-lv", "training_steps": 200, "sampling_steps": 50, "cfg": 7.5,
+            "width": 512, "height": 512, "batch_size": 1, "learning_rate": 4e-4, "rank": 8, "seed": 0,
+            "lora_name": "draft/aesthetic", "resume_lora": "none", "resume_state": "none", "validation": ["11", 0],
+            "options": ["13", 0]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 2]}},
         **sampling_nodes(5, ["3", 0], ["1", 1], ["1", 2]),
         "11": {"class_type": "DRaFTValidation", "inputs": {
@@ -135,10 +141,11 @@ def train_aesthetic():
             "every": 25, "keep": "best", "criterion": "reward", "diversity_floor": 0.7, "patience": 0,
             "judge_1": ["12", 0]}},
         "12": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}},
+        "13": training_options(reward_resolution=256, save_every=50),
     }
     positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (780, 60), "5": (780, 380), "6": (780, 560),
                  "7": (780, 740), "8": (1140, 380), "9": (1500, 380), "10": (1500, 560), "11": (20, 460),
-                 "12": (20, 840)}
+                 "12": (20, 840), "13": (20, 980)}
     titles = {"12": "judge: watch saturation"}
     return prompt, positions, titles
 

@@ -215,6 +215,34 @@ function showText(node, text) {
   widget.value = text;
 }
 
+// DRaFTTrainLoRA's widgets before its advanced settings moved to the DRaFT Training Options node. The frontend
+// restores widget values by position, so a workflow saved then is recognised by its values (numbers from k to
+// seed, then the seed's control value, save_every and lora_name) and its values are restored by name; the moved
+// ones go to an options node created beside the trainer.
+const OLD_TRAINER_WIDGETS = ["prompts", "negative_prompt", "variant", "k", "lv_samples", "training_steps",
+  "sampling_steps", "cfg", "width", "height", "batch_size", "learning_rate", "rank", "seed", "control_after_generate",
+  "save_every", "lora_name", "resume_lora", "resume_state", "kl_coef", "reward_resolution", "precision",
+  "accumulation", "checkpointing"];
+const MOVED_TO_OPTIONS = ["k", "lv_samples", "save_every", "kl_coef", "reward_resolution", "precision",
+  "accumulation", "checkpointing"];
+
+function oldTrainerValues(values) {
+  const old = Array.isArray(values) && values.length >= 17 && values.length <= OLD_TRAINER_WIDGETS.length
+    && values.slice(3, 14).every((v) => typeof v === "number")
+    && typeof values[14] === "string" && typeof values[15] === "number" && typeof values[16] === "string";
+  return old ? Object.fromEntries(values.map((v, i) => [OLD_TRAINER_WIDGETS[i], v])) : null;
+}
+
+function addMovedOptions(trainer, moved) {
+  const options = LiteGraph.createNode("DRaFTTrainingOptions");
+  app.graph.add(options);
+  options.pos = [trainer.pos[0] - options.size[0] - 40, trainer.pos[1]];
+  for (const widget of options.widgets ?? []) {
+    if (widget.name in moved) widget.value = moved[widget.name];
+  }
+  options.connect(0, trainer, trainer.findInputSlot("options"));
+}
+
 const chartOf = (id) => (app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id))?.draftChart;
 
 app.registerExtension({
@@ -222,8 +250,26 @@ app.registerExtension({
   setup() {
     api.addEventListener("comfy_draft.train_step", ({ detail }) => chartOf(detail.node)?.addStep(detail));
   },
+  // After the whole graph is configured: an old workflow's moved settings, on a new options node.
+  loadedGraphNode(node) {
+    if (!node.movedOptions) return;
+    const moved = node.movedOptions;
+    delete node.movedOptions;
+    if (node.inputs?.find((i) => i.name === "options")?.link == null) addMovedOptions(node, moved);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "DRaFTTrainLoRA") {
+      const configure = nodeType.prototype.configure;
+      nodeType.prototype.configure = function (info) {
+        const old = oldTrainerValues(info?.widgets_values);
+        if (old) {
+          const values = this.widgets.filter((w) => w.serialize !== false)
+            .map((w) => (w.name in old ? old[w.name] : w.value));
+          info = { ...info, widgets_values: values };
+          this.movedOptions = Object.fromEntries(MOVED_TO_OPTIONS.filter((k) => k in old).map((k) => [k, old[k]]));
+        }
+        return configure.call(this, info);
+      };
       const onNodeCreated = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         onNodeCreated?.apply(this, arguments);

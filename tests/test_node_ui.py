@@ -1,0 +1,36 @@
+"""What the canvas shows of the pack's nodes: a tooltip on every input, and a trainer with few widgets whose
+advanced settings live on the DRaFT Training Options node."""
+import sys
+
+from ui_workflows import training_options, widget_names
+
+
+def pack_nodes(comfyui):
+    return sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__].NODE_CLASS_MAPPINGS
+
+
+def test_every_input_of_every_node_has_a_tooltip(comfyui):
+    missing = [f"{name}.{key}" for name, cls in pack_nodes(comfyui).items()
+               for group in ("required", "optional") for key, spec in cls.INPUT_TYPES().get(group, {}).items()
+               if not (len(spec) > 1 and spec[1].get("tooltip"))]
+    assert not missing, missing
+
+
+def test_advanced_settings_live_on_the_options_node_with_the_trainers_defaults(comfyui):
+    from comfy_draft.trainer import TrainConfig
+
+    nodes = pack_nodes(comfyui)
+    module = sys.modules[nodes["DRaFTTrainLoRA"].__module__]
+    moved = set(nodes["DRaFTTrainingOptions"].INPUT_TYPES()["required"])
+    assert moved == {"precision", "accumulation", "checkpointing", "lv_samples", "k", "kl_coef", "reward_resolution",
+                     "save_every"}
+    trainer_widgets = [name for name, _ in widget_names(nodes["DRaFTTrainLoRA"])]
+    assert not moved & set(trainer_widgets) and len(trainer_widgets) <= 15, trainer_widgets
+    d = TrainConfig(prompts=[""])
+    defaults = module.training_options(None)  # no options node connected
+    assert defaults == {"precision": d.precision, "accumulation": d.accumulation, "checkpointing": d.checkpointing,
+                        "lv_samples": d.lv_samples, "k": d.grad_steps, "kl_coef": d.kl_coef,
+                        "reward_resolution": d.reward_resolution, "save_every": d.save_every}
+    assert training_options()["inputs"] == defaults  # the tests' and examples' options node starts from them
+    (built,) = nodes["DRaFTTrainingOptions"]().build(**dict(defaults, kl_coef=3.0))
+    assert module.training_options(built) == dict(defaults, kl_coef=3.0)
