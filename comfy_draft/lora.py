@@ -125,15 +125,32 @@ class LoRASet(torch.nn.ModuleDict):
                 lora.alpha = float(state_dict.get(f"{name}.alpha", torch.tensor(lora.rank)))
 
     def save(self, path, metadata=None, overwrite=False):
-        """Write a kohya-format fp16 safetensors file atomically; metadata values become strings."""
-        from safetensors.torch import save_file
+        """Write a kohya-format fp16 safetensors file atomically; metadata values become strings. The same LoRA
+        and metadata give the same bytes."""
+        from safetensors.torch import save
 
         first = next(iter(self.values()))
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
                 "ss_network_alpha": str(first.alpha)}
         meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-        atomic_write(path, lambda tmp: save_file(self.kohya_state_dict(), tmp, metadata=meta), overwrite)
+        data = sorted_metadata(save(self.kohya_state_dict(), metadata=meta))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        atomic_write(path, write, overwrite)
         return path
+
+
+def sorted_metadata(data):
+    """safetensors bytes with the header's metadata in sorted order (safetensors writes it in hash order, which
+    changes from one save to the next); the header stays padded to 8 bytes with spaces, as safetensors pads it."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def load_kohya_file(path):

@@ -5,6 +5,7 @@ import torch
 from tiny_diffusers import tiny_pixel_backend
 
 from comfy_draft import rewards
+from comfy_draft.lora import load_kohya_file
 from comfy_draft.trainer import TrainConfig, Trainer
 
 
@@ -30,6 +31,13 @@ def test_lora_files_and_states_take_the_umasks_permissions(tmp_path):
 
 
 def test_the_same_seed_gives_the_same_lora_and_another_seed_another(tmp_path):
-    first, again, other = (train(tmp_path, seed).loras.state_dict() for seed in (0, 0, 1))
+    runs = [train(tmp_path, seed) for seed in (0, 0, 1)]
+    first, again, other = (run.loras.state_dict() for run in runs)
     assert all(torch.equal(first[k], again[k]) for k in first)  # LoRA initialisation included
     assert any(not torch.equal(first[k], other[k]) for k in first)
+    files = [run.save_lora(tmp_path / f"{i}.safetensors") for i, run in enumerate(runs)]
+    with open(files[0], "rb") as a, open(files[1], "rb") as b:
+        assert a.read() == b.read()  # metadata included (safetensors alone writes it in hash order)
+    state_dict, metadata = load_kohya_file(files[0])
+    assert all(torch.equal(state_dict[k], v) for k, v in runs[0].loras.kohya_state_dict().items())
+    assert metadata["comfy_draft_steps"] == "1"

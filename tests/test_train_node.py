@@ -45,7 +45,7 @@ def lora_prompt(ckpt, lora_name):
     return prompt
 
 
-def test_train_node_in_process_then_lora_loader(comfyui, tiny_sd15):
+def test_train_node_in_process_gives_the_seeds_lora_then_lora_loader(comfyui, tiny_sd15):
     history = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))
     (curve,) = history["outputs"]["10"]["images"]
     assert comfyui.output_path(curve).stat().st_size > 0
@@ -53,6 +53,13 @@ def test_train_node_in_process_then_lora_loader(comfyui, tiny_sd15):
     assert "reward" in history["outputs"]["3"]["text"][0]
     again = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))  # not from cache: trains again
     assert "inproc_00002_" in again["outputs"]["3"]["text"][0]
+    comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc", seed=1))
+    first, same_seed, other_seed = (
+        comfyui.folder_paths.get_full_path("loras", f"draft/inproc_0000{i}_.safetensors") for i in (1, 2, 3))
+    with open(first, "rb") as a, open(same_seed, "rb") as b:
+        assert a.read() == b.read()  # the same settings and seed: the same file, byte for byte
+    tensors, others = load_kohya_file(first)[0], load_kohya_file(other_seed)[0]
+    assert any(not torch.equal(tensors[k], others[k]) for k in tensors)
     comfyui.run(lora_prompt(tiny_sd15, "draft/inproc_00001_.safetensors"))
 
 
@@ -242,6 +249,20 @@ def resume_prompt(ckpt, lora_name, steps, resume_state="none", lr=0.05):
     return prompt
 
 
+def preview(path):
+    """(the metadata, the pixels) of a LoRA snapshot's preview PNG."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as image:
+        return json.loads(image.text["comfy_draft"]), np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def pixel_gap(a, b):
+    return abs(a[1] - b[1]).max()
+
+
 def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, tiny_sd15):
     from comfyui_harness import PromptError
     lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
@@ -257,5 +278,19 @@ def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, 
     assert straight[1]["comfy_draft_steps"] == resumed[1]["comfy_draft_steps"] == "3"
     for key, value in straight[0].items():
         torch.testing.assert_close(resumed[0][key].float(), value.float(), rtol=1e-3, atol=1e-5)
+
+    # a preview beside every LoRA snapshot, from the same noise each time; ComfyUI's model library shows it
+    from app.model_manager import ModelFileManager
+    previews = {name: preview(f"{lora_dir}/draft/{name}_.png") for name in
+                ("straight_00001_step1", "straight_00001_step2", "straight_00001", "resumed_00001_step1",
+                 "resumed_00002")}
+    assert all(meta["prompts"] == ["a red apple", "a blue car"] for meta, _ in previews.values())
+    assert [meta["step"] for meta, _ in previews.values()] == [1, 2, 3, 1, 3]
+    assert pixel_gap(previews["straight_00001_step1"], previews["resumed_00001_step1"]) <= 1
+    assert pixel_gap(previews["straight_00001"], previews["resumed_00002"]) <= 1  # resumed = uninterrupted
+    assert pixel_gap(previews["straight_00001_step1"], previews["straight_00001"]) > 1  # the LoRA changed them
+    assert ModelFileManager().get_model_previews(f"{lora_dir}/draft/straight_00001_step1_.safetensors") == \
+        [f"{lora_dir}/draft/straight_00001_step1_.png"]
+
     with pytest.raises(PromptError, match="different configuration .*lr"):
         comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 4, resume_state=state, lr=0.01))
