@@ -47,6 +47,16 @@ def progress(total, every):
     return show
 
 
+def tensorboard_writer(log_dir):
+    """A TensorBoard writer for --log-dir; tensorboard is optional, so without it the run stops before any work."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("error: --log-dir writes a TensorBoard log, which needs the tensorboard package: "
+                         "pip install tensorboard (or leave --log-dir out: <out>.jsonl logs every step anyway)") from None
+    return SummaryWriter(log_dir)
+
+
 def load_backend(args):
     try:
         return loading.load_backend(args.model, args.config, args.comfyui, args.device)
@@ -145,6 +155,7 @@ def train_parser(sub):
                    help="compute precision (auto: the model's half precision on CUDA, fp32 on the CPU)")
     p.add_argument("--print-every", type=int, default=10,
                    help="without a terminal: a line every N steps (and the first, the last, validations)")
+    p.add_argument("--log-dir", help="also write a TensorBoard log into this folder (needs tensorboard installed)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
     v = ValidationConfig(prompts=[""])
@@ -185,16 +196,21 @@ def train(args):
         raise SystemExit(f"error: {e}") from None
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise SystemExit(f"{args.out} exists: pass --overwrite to replace it or --resume to continue")
+    rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
+    board = tensorboard_writer(args.log_dir) if args.log_dir and rank0 else None
     reward = build_reward(args)  # before the model: a bad reward file fails fast
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
-    rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
     log = open(log_path, "a" if args.resume else "w") if rank0 else None
     warned, show = [], progress(config.steps, args.print_every)
 
     def report(metrics, images):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
+        if board is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, metrics["step"])
         held_out = "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
         scale = trainer.scaler.get_scale()
         skipped = f"  skipped: fp16 overflow, loss scale now {scale:g}" if metrics["skipped"] else ""
@@ -233,6 +249,8 @@ def train(args):
     finally:
         if log:
             log.close()
+        if board is not None:
+            board.close()
     if not trainer.save_lora(args.out, overwrite=True):
         return
     kept = f" (the best validated LoRA, of step {trainer.kept_step})" if trainer.kept_step != trainer.step else ""

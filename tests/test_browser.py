@@ -98,6 +98,30 @@ def is_number(text):
         return False
 
 
+def show_chart(page, name):
+    """Scrolls the canvas to the trainer node (id 3), its chart in full, and saves a screenshot of the node."""
+    page.evaluate("""() => {
+        const n = app.graph.getNodeById(3);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [120 - n.pos[0], 60 - n.pos[1]];
+        app.graph.setDirtyCanvas(true, true);
+    }""")
+    page.wait_for_timeout(500)
+    box = page.evaluate("""() => {
+        const n = app.graph.getNodeById(3), chart = n.draftChart.element.getBoundingClientRect();
+        const canvas = app.canvas.canvas.getBoundingClientRect();
+        return {x: canvas.left + 100, y: canvas.top + 20, width: n.size[0] + 40,
+                height: Math.min(chart.bottom + 20, canvas.bottom) - canvas.top - 20};
+    }""")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), clip=box)
+    assert (ARTIFACTS / name).stat().st_size > 10_000
+    return box
+
+
+STEPS = 12  # long enough to reload the page and take a screenshot mid-run
+
+
 def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_server, tiny_sd15, comfyui):
     folder = comfy_server.base_dir / "models" / "reward_models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,11 +132,11 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
     classes = comfyui.nodes.NODE_CLASS_MAPPINGS
     prompt, positions, titles = EXAMPLES["train_aesthetic_lora_draft_lv.json"]()
     prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
-    prompt["3"]["inputs"].update(training_steps=6, sampling_steps=4, width=64, height=64, save_every=0,
-                                 lora_name="draft/browser")
+    prompt["3"]["inputs"].update(training_steps=STEPS, sampling_steps=4, width=64, height=64, lora_name="draft/browser")
+    prompt["13"]["inputs"]["save_every"] = 0
     prompt["7"]["inputs"].update(width=64, height=64)
     prompt["8"]["inputs"]["steps"] = 4
-    prompt["11"]["inputs"].update(every=3, seeds=2)
+    prompt["11"]["inputs"].update(every=2, seeds=2)
     load_workflow(page, api_to_ui(prompt, classes, positions, titles))
     assert ui_to_api(api_to_ui(prompt, classes, positions, titles), classes) == json.loads(json.dumps(prompt))
     page.evaluate("app.queuePrompt(0, 1)")
@@ -120,7 +144,7 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
     # live: the websocket events grow the chart while training runs
     seen = []
     wait_chart(page, comfy_server, lambda c: len(c["steps"]) >= 2, seen=seen)
-    assert any(0 < n < 6 for n in seen)  # it updated while training ran, not only at the end
+    assert any(0 < n < STEPS for n in seen)  # it updated while training ran, not only at the end
 
     # a page reload mid-run: the chart replays the steps done so far from /comfy_draft/history
     done_before = len(comfy_server.get("/comfy_draft/history")["3"]["steps"])
@@ -128,11 +152,21 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
     page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
     replayed = wait_chart(page, comfy_server, lambda c: len(c["steps"]) >= done_before)
     assert replayed["steps"][:done_before] == list(range(1, done_before + 1))
-    print(f"reloaded after {done_before} of 6 steps (mid-run: {done_before < 6}); chart replayed {replayed['steps']}")
+    assert done_before < STEPS, "the run ended before the page was reloaded"
 
-    state = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == 6 and c["kept"] is not None)
-    assert state["steps"] == [1, 2, 3, 4, 5, 6]
-    assert state["validated"] == [3, 6]  # held-out validation points on the chart
+    # mid-run, after the reload: held-out validation series in their panels, axes with numeric labels
+    mid = wait_chart(page, comfy_server, lambda c: c["validated"] and len(c["panels"]) >= 3)
+    show_chart(page, "trainer_chart_mid_run.png")
+    mid = chart(page)
+    assert len(mid["steps"]) < STEPS, "the run ended before the mid-run screenshot"
+    assert len(mid["panels"]) >= 3 and all(p["x"] and p["y"] and all(map(is_number, p["x"] + p["y"]))
+                                           for p in mid["panels"]), mid["panels"]
+    assert {"held-out reward"} <= set(mid["panels"][0]["series"]), mid["panels"]
+    print(f"reloaded after {done_before} of {STEPS} steps; mid-run screenshot at step {len(mid['steps'])}")
+
+    state = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == STEPS and c["kept"] is not None)
+    assert state["steps"] == list(range(1, STEPS + 1))
+    assert state["validated"] == list(range(2, STEPS + 1, 2))  # held-out validation points on the chart
     panels = {p["title"]: p for p in state["panels"]}
     assert len(panels) >= 3 and {"reward", "diversity (held-out)", "gradient norm / KL"} <= set(panels), panels
     assert {"reward (per step)", "reward (smoothed)", "held-out reward"} <= set(panels["reward"]["series"])
@@ -142,13 +176,7 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
         assert all(is_number(v) for v in p["x"] + p["y"]), p
 
     # the node's chart on screen: its bottom in view; hovering a panel shows values in uPlot's legend
-    page.evaluate("""() => {
-        const n = app.graph.getNodeById(3), chart = n.widgets.find((w) => w.name === "training_chart");
-        app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [120 - n.pos[0], 50 - n.pos[1] - chart.y];
-        app.graph.setDirtyCanvas(true, true);
-    }""")
-    page.wait_for_timeout(500)
+    show_chart(page, "trainer_chart.png")
     shown, needed = page.evaluate("""() => {
         const chart = app.graph.getNodeById(3).draftChart;
         return [chart.element.getBoundingClientRect().height, chart.content.getBoundingClientRect().height];
@@ -159,11 +187,21 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
     values = page.locator(".comfy-draft-chart .u-legend").first.locator(".u-value").all_inner_texts()
     assert any(is_number(v) for v in values[1:]), values
     assert not [e for e in page.errors if "comfy_draft" in e or "uPlot" in e], page.errors
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "trainer_chart.png"))
-    assert (ARTIFACTS / "trainer_chart.png").stat().st_size > 10_000
 
     # the workflow reopened after the run: the final curve, kept step included
     load_workflow(page, api_to_ui(prompt, classes, positions, titles))
-    reopened = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == 6, timeout=30)
+    reopened = wait_chart(page, comfy_server, lambda c: len(c["steps"]) == STEPS, timeout=30)
     assert reopened["kept"] == state["kept"] and len(reopened["panels"]) == len(state["panels"])
+
+
+def test_a_workflow_saved_before_the_options_node_keeps_its_settings(page, comfyui):
+    """The training example as saved before the advanced settings moved: the canvas restores the trainer's values by
+    name and puts the moved ones on a new DRaFT Training Options node, so it queues the run the example queues now."""
+    old = json.loads((REPO / "tests" / "data" / "train_workflow_before_options_node.json").read_text())
+    load_workflow(page, old)
+    queued = page.evaluate("async () => (await app.graphToPrompt()).output")
+    expected, _, _ = EXAMPLES["train_aesthetic_lora_draft_lv.json"]()
+    options_id = queued["3"]["inputs"].pop("options")[0]
+    assert queued[options_id] == expected["13"]  # reward_resolution 256, save_every 50, the rest the defaults
+    assert queued["3"]["inputs"] == {k: v for k, v in expected["3"]["inputs"].items() if k != "options"}
+    assert not [e for e in page.errors if "comfy_draft" in e], page.errors

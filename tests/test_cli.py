@@ -1,4 +1,5 @@
 """`python -m comfy_draft train` end to end on a tiny diffusers pipeline folder."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -170,3 +171,39 @@ def test_progress_prints_plain_lines_without_a_terminal_and_a_bar_on_one(monkeyp
     printed = capsys.readouterr()
     assert printed.out.strip() == "line 7"  # news above the bar
     assert "25/25" in printed.err and "reward=0.5000" in printed.err and "grad_norm=0.125" in printed.err
+
+
+@pytest.mark.slow
+def test_cli_same_seed_gives_the_same_lora_file_and_another_seed_another(tmp_path):
+    common = ["train", "--model", "digits", "--reward", "digit", "--reward-text", "prompted", "--prompts", "a 1", "a 7",
+              "--steps", "2", "--batch-size", "2", "--sampling-steps", "4", "--cfg", "1", "--device", "cpu"]
+    for name, seed in (("first", "0"), ("again", "0"), ("other", "1")):
+        run_cli(*common, "--seed", seed, "--out", str(tmp_path / f"{name}.safetensors"))
+    assert (tmp_path / "first.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()
+    first, other = (load_kohya_file(tmp_path / f"{n}.safetensors")[0] for n in ("first", "other"))
+    assert any(not (first[k] == other[k]).all() for k in first)
+
+
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+@pytest.mark.skipif(TENSORBOARD, reason="tensorboard is installed: the log is written instead")
+def test_log_dir_without_tensorboard_says_what_to_install(tmp_path):
+    refused = run_cli("train", "--model", "digits", "--reward", "brightness", "--prompts", "a 1",
+                      "--out", str(tmp_path / "x.safetensors"), "--log-dir", str(tmp_path / "runs"), check=False)
+    assert refused.returncode and "pip install tensorboard" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x.jsonl").exists()  # stopped before any work
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TENSORBOARD, reason="tensorboard is optional and not installed")
+def test_log_dir_writes_a_tensorboard_log(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli("train", "--model", "digits", "--reward", "brightness", "--prompts", "a 1", "--steps", "2",
+            "--batch-size", "1", "--sampling-steps", "3", "--out", str(tmp_path / "x.safetensors"),
+            "--log-dir", str(tmp_path / "runs"))
+    events = EventAccumulator(str(tmp_path / "runs")).Reload()
+    logged = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("reward")] == [1, 2]
+    assert [e.value for e in events.Scalars("reward")] == pytest.approx([m["reward"] for m in logged])
