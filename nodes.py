@@ -368,7 +368,8 @@ def save_preview(trainer, lora_path):
         images = held_out_images(trainer.backend, prompts, [c.seed], c.negative_prompt, c.cfg, c.sampling_steps,
                                  c.width, c.height)
     info = PngInfo()
-    info.add_text("comfy_draft", json.dumps({"step": trainer.step, "prompts": prompts, "seed": c.seed}))
+    step = trainer.step if trainer.kept_step is None else trainer.kept_step  # keep-best: the kept LoRA's step
+    info.add_text("comfy_draft", json.dumps({"step": step, "prompts": prompts, "seed": c.seed}))
     path = os.path.splitext(lora_path)[0] + ".png"
     Image.fromarray(image_grid(images, len(prompts))).save(path, pnginfo=info)
     return path

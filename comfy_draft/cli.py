@@ -52,8 +52,8 @@ def tensorboard_writer(log_dir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise SystemExit("error: --log-dir writes a TensorBoard log, which needs the tensorboard package: "
-                         "pip install tensorboard (or leave --log-dir out: <out>.jsonl logs every step anyway)") from None
+        raise SystemExit("error: --log-dir writes a TensorBoard log, which needs the tensorboard package: pip install "
+                         "tensorboard (or leave --log-dir out: <out>.jsonl logs every step anyway)") from None
     return SummaryWriter(log_dir)
 
 

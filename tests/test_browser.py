@@ -76,7 +76,7 @@ def chart(page):
     return page.evaluate(CHART, 3)
 
 
-def wait_chart(page, comfy_server, done, timeout=300, seen=None):
+def wait_chart(page, comfy_server, done, timeout=900, seen=None):  # generous: CI machines can be busy
     """Polls the chart until `done(chart)`; `seen` collects the step counts on the way."""
     deadline = time.time() + timeout
     while time.time() < deadline and "invalid prompt" not in comfy_server.log():
@@ -201,6 +201,7 @@ def test_a_workflow_saved_before_the_options_node_keeps_its_settings(page, comfy
     load_workflow(page, old)
     queued = page.evaluate("async () => (await app.graphToPrompt()).output")
     expected, _, _ = EXAMPLES["train_aesthetic_lora_draft_lv.json"]()
+    queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in queued.items()}  # no _meta
     options_id = queued["3"]["inputs"].pop("options")[0]
     assert queued[options_id] == expected["13"]  # reward_resolution 256, save_every 50, the rest the defaults
     assert queued["3"]["inputs"] == {k: v for k, v in expected["3"]["inputs"].items() if k != "options"}

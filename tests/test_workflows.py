@@ -38,7 +38,8 @@ def test_training_example_runs_on_the_tiny_checkpoint(comfyui, tiny_sd15):
     install_tiny_aesthetic_files(comfyui)
     prompt = ui_to_api(load("train_aesthetic_lora_draft_lv.json"), comfyui.nodes.NODE_CLASS_MAPPINGS)
     prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
-    prompt["3"]["inputs"].update(training_steps=2, sampling_steps=4, width=64, height=64, save_every=0)
+    prompt["3"]["inputs"].update(training_steps=2, sampling_steps=4, width=64, height=64)
+    prompt["13"]["inputs"]["save_every"] = 0
     prompt["7"]["inputs"].update(width=64, height=64)
     prompt["8"]["inputs"]["steps"] = 4
     outputs = comfyui.run(prompt)["outputs"]
