@@ -99,22 +99,26 @@ def is_number(text):
 
 
 def show_chart(page, name):
-    """Scrolls the canvas to the trainer node (id 3), its chart in full, and saves a screenshot of the node."""
+    """Scrolls the canvas to the trainer node (id 3) and saves a screenshot of the whole node, chart included (in a
+    window tall enough for it)."""
+    height = page.evaluate("app.graph.getNodeById(3).size[1]")
+    viewport = page.viewport_size
+    page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], int(height) + 300)})
     page.evaluate("""() => {
         const n = app.graph.getNodeById(3);
         app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [120 - n.pos[0], 60 - n.pos[1]];
+        app.canvas.ds.offset = [140 - n.pos[0], 120 - n.pos[1]];
         app.graph.setDirtyCanvas(true, true);
     }""")
     page.wait_for_timeout(500)
     box = page.evaluate("""() => {
         const n = app.graph.getNodeById(3), chart = n.draftChart.element.getBoundingClientRect();
-        const canvas = app.canvas.canvas.getBoundingClientRect();
-        return {x: canvas.left + 100, y: canvas.top + 20, width: n.size[0] + 40,
-                height: Math.min(chart.bottom + 20, canvas.bottom) - canvas.top - 20};
+        const canvas = app.canvas.canvas.getBoundingClientRect(), top = canvas.top + 120 - LiteGraph.NODE_TITLE_HEIGHT;
+        return {x: canvas.left + 125, y: top - 10, width: n.size[0] + 30, height: chart.bottom + 15 - (top - 10)};
     }""")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), clip=box)
+    page.set_viewport_size(viewport)
     assert (ARTIFACTS / name).stat().st_size > 10_000
     return box
 

@@ -143,8 +143,9 @@ def train_aesthetic():
         "12": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "saturation"}},
         "13": training_options(reward_resolution=256, save_every=50),
     }
-    positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (780, 60), "5": (780, 380), "6": (780, 560),
-                 "7": (780, 740), "8": (1140, 380), "9": (1500, 380), "10": (1500, 560), "11": (20, 460),
+    # the trainer is as wide as its chart (MIN_WIDTH in web/comfy_draft.js): the nodes on its right start after it
+    positions = {"1": (20, 60), "2": (20, 260), "3": (400, 60), "4": (880, 60), "5": (880, 380), "6": (880, 560),
+                 "7": (880, 740), "8": (1240, 380), "9": (1600, 380), "10": (1600, 560), "11": (20, 460),
                  "12": (20, 840), "13": (20, 980)}
     titles = {"12": "judge: watch saturation"}
     return prompt, positions, titles
