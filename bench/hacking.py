@@ -108,6 +108,134 @@ def table(results):
                          f"{s['judge_confident']:.1%} | {s['diversity_vs_base']:.2f} / {s['feature_diversity_vs_base']:.2f} |")
     return "\n".join(lines)
 
+# ----- robust controls (--robust): EOT, ensembles, KL and their combinations; AIG at inference ----------------------
+CONTROLS = {  # name -> (EOT, ensemble with the second classifier, KL coefficient)
+    "plain": (False, False, 0.0), "kl": (False, False, None), "eot": (True, False, 0.0),
+    "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, None),
+    "ensemble+kl": (False, True, None), "eot+ensemble+kl": (True, True, None)}
+GOAL = {"judge_target": 0.5, "judge_confident": 0.9}  # the issue's goal: both at once
+
+
+def robust_reward(control, args):
+    """The training reward of a control: log p(8) of the reward classifier, optionally a soft-min ensemble with the
+    second classifier (trained on digits neither it nor the judge saw) and/or wrapped in EOT."""
+    from comfy_draft.rewards.robust import Ensemble, ExpectationOverTransforms
+
+    eot, ensemble, _ = CONTROLS[control]
+    reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
+    if ensemble:
+        second = digits.DigitReward(digits.load_classifier("second_reward_classifier"), 8)
+        reward = Ensemble([reward, second], "min", temperature=args.temperature)
+    if eot:
+        reward = ExpectationOverTransforms(reward, args.transforms, args.eot_strength, args.draws, seed=args.seed)
+    return reward
+
+
+def judged(backend, setting, judge, reward, base=None, seeds=range(20_000, 20_032), steps=20):
+    """test_scores plus the held-out training reward (plain log p(8) of the reward classifier) on the same samples."""
+    prompts = setting["test"]
+    images = held_out_images(backend, prompts, list(seeds), "", setting["cfg"], steps, digits.SIZE, digits.SIZE)
+    with torch.no_grad():
+        probs = judge(images).softmax(-1)
+        held_out_reward = reward(images, [p for p in prompts for _ in seeds]).mean().item()
+    scores = score_images(images, prompts, len(seeds), digits.DigitReward(judge, 8), {}, digits.DigitReward(judge, 8))
+    out = {"held_out_reward": held_out_reward, "judge_target": (probs.argmax(-1) == 8).float().mean().item(),
+           "judge_confident": (probs.max(-1).values >= THRESHOLD).float().mean().item(),
+           "diversity": scores["diversity"], "feature_diversity": scores["feature_diversity"]}
+    if base is not None:
+        out["diversity_vs_base"] = out["diversity"] / base["diversity"]
+        out["feature_diversity_vs_base"] = out["feature_diversity"] / base["feature_diversity"]
+    out["goal"] = all(out[k] >= v for k, v in GOAL.items())
+    return out
+
+
+def run_robust(control, args, judge):
+    """Train one control on the adversarial task; judge the last LoRA, and the LoRA under AIG at each p."""
+    from comfy_draft.guidance import AIGBackend
+
+    setting = settings("adversarial", args.alignment_cfg)
+    _, _, kl = CONTROLS[control]
+    kl = args.kl_coef[0] if kl is None else kl
+    backend = digits.load_backend()
+    config = TrainConfig(prompts=setting["train"], variant="draft-lv", steps=args.steps, lr=args.lr,
+                         cfg=setting["cfg"], sampling_steps=args.sampling_steps, width=digits.SIZE,
+                         height=digits.SIZE, batch_size=8, seed=args.seed, weight_decay=0.0, kl_coef=kl)
+    trainer = Trainer(backend, robust_reward(control, args), config)
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    plain_reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
+    with trainer.loras.disabled():
+        base = judged(backend, setting, judge, plain_reward)
+    rows = [dict(control=control, inference="LoRA", kl_coef=kl, **judged(backend, setting, judge, plain_reward, base))]
+    for p in args.aig_p:
+        scores = judged(AIGBackend(backend, trainer.loras, "power_p", p), setting, judge, plain_reward, base)
+        rows.append(dict(control=control, inference=f"AIG p={p:g}", kl_coef=kl, **scores))
+    for r in rows:
+        r.update(seconds=seconds, steps=config.steps, train_reward_last10=sum(
+            m["reward"] for m in trainer.history[-10:]) / min(10, len(trainer.history)))
+    return base, rows
+
+
+def pareto_front(rows):
+    """Rows not dominated in (judge_confident, judge_target): no other row is at least as good in both, better in one."""
+    def dominated(r):
+        return any(o["judge_confident"] >= r["judge_confident"] and o["judge_target"] >= r["judge_target"]
+                   and (o["judge_confident"], o["judge_target"]) != (r["judge_confident"], r["judge_target"])
+                   for o in rows)
+    return [r for r in rows if not dominated(r)]
+
+
+def robust_table(base, rows):
+    lines = ["| control | inference | kl_coef | held-out reward log p(8) | judge reads 8 | judge confident digit "
+             f"(p >= {THRESHOLD}) | diversity vs base (pixel / judge features) | goal | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| base model | - | - | {base['held_out_reward']:.2f} | {base['judge_target']:.1%} | "
+             f"{base['judge_confident']:.1%} | 1.00 / 1.00 | {'yes' if base['goal'] else 'no'} | |"]
+    front = pareto_front([base, *rows])
+    for r in rows:
+        lines.append(f"| {r['control']} | {r['inference']} | {r['kl_coef']:g} | {r['held_out_reward']:.2f} | "
+                     f"{r['judge_target']:.1%} | {r['judge_confident']:.1%} | {r['diversity_vs_base']:.2f} / "
+                     f"{r['feature_diversity_vs_base']:.2f} | {'yes' if r['goal'] else 'no'} | "
+                     f"{'yes' if r in front else ''} |")
+    return "\n".join(lines)
+
+
+def robust_main(args, argv, judge):
+    from PIL import Image
+
+    from comfy_draft.plotting import pareto_chart
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, rows = None, []
+    for control in args.controls:
+        print(f"adversarial, {control} ...", flush=True)
+        base, new = run_robust(control, args, judge)
+        rows += new
+        for r in new:
+            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
+                  f"{r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
+    name = "hacking_robust"
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "threshold": THRESHOLD, "goal": GOAL,
+                                                  "base": base, "results": rows}, indent=1))
+    points = [("base", base["judge_confident"], base["judge_target"])] + \
+        [(f"{r['control']}" + ("" if r["inference"] == "LoRA" else f" {r['inference']}"), r["judge_confident"],
+          r["judge_target"]) for r in rows]
+    Image.fromarray(pareto_chart(points, GOAL["judge_confident"], GOAL["judge_target"],
+                                 x_label=f"judge: confidently a digit (p >= {THRESHOLD})",
+                                 y_label="judge reads the target 8",
+                                 title="prompt 3, reward log p(8): reward hacking vs transfer")).save(out / f"{name}.png")
+    reached = [r for r in rows if r["goal"]]
+    verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
+               else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
+    (out / f"{name}.md").write_text(
+        f"Measured with `{' '.join(['bench/hacking.py', *argv])}` (the last LoRA of each run; test set: new prompt "
+        f"wording, 32 new seeds per prompt, 20 DDIM steps; training {args.steps} steps of DRaFT-LV with "
+        f"{args.sampling_steps} sampling steps)\n\n{robust_table(base, rows)}\n\n{verdict}\n")
+    print(robust_table(base, rows))
+    print(verdict)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +251,21 @@ def main(argv=None):
     p.add_argument("--val-seeds", type=int, default=8)
     p.add_argument("--diversity-floor", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("robust controls (--robust: the adversarial task only, writes hacking_robust.*)")
+    r.add_argument("--robust", action="store_true", help="measure EOT, ensembles, KL, combinations and AIG")
+    r.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
+    r.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps while training (test: always 20)")
+    r.add_argument("--transforms", default="translate, scale, blur, noise", help="EOT's transformations")
+    r.add_argument("--eot-strength", type=float, default=1.0)
+    r.add_argument("--draws", type=int, default=4, help="EOT's transformations per image")
+    r.add_argument("--temperature", type=float, default=1.0, help="the ensemble's soft-minimum temperature")
+    r.add_argument("--aig-p", type=float, nargs="*", default=[1.0, 3.0], help="AIG power_p values at inference")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     judge = digits.load_classifier("judge_classifier")
+    if args.robust:
+        return robust_main(args, argv, judge)
     results = []
     for setting in args.settings:
         for kl_coef in [*args.kl_coef, *([] if args.no_plain else [0.0])]:

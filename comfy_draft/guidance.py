@@ -74,3 +74,22 @@ def lora_toggled(model, loras):
         with loras.disabled():
             return model(x, sigma, **kwargs)
     return base, model
+
+
+class AIGBackend:
+    """A library training backend (`backends.diffusers.TrainingBackend`) whose `run` hands `fn` the AIG mix of the
+    base model (its LoRAs disabled) and the LoRA model, so held-out samples (`validation.held_out_images`) and
+    sweeps sample with AIG unchanged. Everything else is the wrapped backend's."""
+
+    def __init__(self, backend, loras, schedule="power_p", p=1.0, f=0.5):
+        aig_weight(0, 1, schedule, p, f)  # refuses unknown schedules now
+        self.backend, self.loras, self.schedule, self.p, self.f = backend, loras, schedule, p, f
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
+        def mixed(model, x, sigmas):
+            weights = aig_weights(len(sigmas) - 1, self.schedule, self.p, self.f)
+            return fn(Mixed(*lora_toggled(model, self.loras), sigmas, weights), x, sigmas)
+        return self.backend.run(mixed, prompts, negative_prompt, cfg, noise, steps, checkpoint)
