@@ -76,7 +76,8 @@ class DRaFTRewardLoader:
     DESCRIPTION = ("Loads a differentiable reward from models/reward_models. aesthetic: the LAION MLP .pth plus "
                    "its CLIP ViT-L/14 tower (clip_file); hpsv2: HPS_v2(.1)_compressed.pt; pickscore: any file of "
                    "the PickScore_v1 folder; clip_similarity: a CLIP checkpoint, target text in `text`; "
-                   "imagenet_classifier: a torchvision ResNet/MobileNetV2 .pth, class names in `text`.")
+                   "imagenet_classifier: a torchvision ResNet/MobileNetV2 .pth, class names in `text`; "
+                   "imagereward: ImageReward.pt with med_config.json and BERT's vocab.txt beside it.")
     CATEGORY = "DRaFT"
     FUNCTION = "load"
     RETURN_TYPES = ("DRAFT_REWARD",)
