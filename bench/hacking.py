@@ -26,6 +26,7 @@ import time
 import torch
 
 from comfy_draft import digits
+from comfy_draft.demo import CONTROLS  # the demo trains with the best of them
 from comfy_draft.trainer import TrainConfig, Trainer
 from comfy_draft.validation import ValidationConfig, Validator, held_out_images, score_images
 
@@ -109,26 +110,14 @@ def table(results):
     return "\n".join(lines)
 
 # ----- robust controls (--robust): EOT, ensembles, KL and their combinations; AIG at inference ----------------------
-CONTROLS = {  # name -> (EOT, ensemble with the second classifier, KL coefficient)
-    "plain": (False, False, 0.0), "kl": (False, False, None), "eot": (True, False, 0.0),
-    "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, None),
-    "ensemble+kl": (False, True, None), "eot+ensemble+kl": (True, True, None)}
 GOAL = {"judge_target": 0.5, "judge_confident": 0.9}  # the issue's goal: both at once
 
 
 def robust_reward(control, args):
-    """The training reward of a control: log p(8) of the reward classifier, optionally a soft-min ensemble with the
-    second classifier (trained on digits neither it nor the judge saw) and/or wrapped in EOT."""
-    from comfy_draft.rewards.robust import Ensemble, ExpectationOverTransforms
-
+    """The training reward of a control (`digits.robust_reward`): log p(8), optionally ensembled and/or in EOT."""
     eot, ensemble, _ = CONTROLS[control]
-    reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
-    if ensemble:
-        second = digits.DigitReward(digits.load_classifier("second_reward_classifier"), 8)
-        reward = Ensemble([reward, second], "min", temperature=args.temperature)
-    if eot:
-        reward = ExpectationOverTransforms(reward, args.transforms, args.eot_strength, args.draws, seed=args.seed)
-    return reward
+    return digits.robust_reward(8, eot, ensemble, args.transforms, args.eot_strength, args.draws, args.temperature,
+                                args.seed)
 
 
 def judged(backend, setting, judge, reward, base=None, seeds=range(20_000, 20_032), steps=20):
@@ -149,27 +138,30 @@ def judged(backend, setting, judge, reward, base=None, seeds=range(20_000, 20_03
     return out
 
 
-def run_robust(control, args, judge):
+def run_robust(control, args, judge, base=None):
     """Train one control on the adversarial task; judge the last LoRA, and the LoRA under AIG at each p."""
     from comfy_draft.guidance import AIGBackend
 
     setting = settings("adversarial", args.alignment_cfg)
     _, _, kl = CONTROLS[control]
-    kl = args.kl_coef[0] if kl is None else kl
+    kl = args.kl_coef[0] if kl and args.kl_coef_given else kl
     backend = digits.load_backend()
     config = TrainConfig(prompts=setting["train"], variant="draft-lv", steps=args.steps, lr=args.lr,
                          cfg=setting["cfg"], sampling_steps=args.sampling_steps, width=digits.SIZE,
-                         height=digits.SIZE, batch_size=8, seed=args.seed, weight_decay=0.0, kl_coef=kl)
+                         height=digits.SIZE, batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=kl)
+    test = dict(seeds=range(20_000, 20_000 + args.test_seeds), steps=args.test_steps)
     trainer = Trainer(backend, robust_reward(control, args), config)
     started = time.time()
     trainer.train()
     seconds = time.time() - started
     plain_reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
-    with trainer.loras.disabled():
-        base = judged(backend, setting, judge, plain_reward)
-    rows = [dict(control=control, inference="LoRA", kl_coef=kl, **judged(backend, setting, judge, plain_reward, base))]
-    for p in args.aig_p:
-        scores = judged(AIGBackend(backend, trainer.loras, "power_p", p), setting, judge, plain_reward, base)
+    if base is None:
+        with trainer.loras.disabled():
+            base = judged(backend, setting, judge, plain_reward, **test)
+    rows = [dict(control=control, inference="LoRA", kl_coef=kl,
+                 **judged(backend, setting, judge, plain_reward, base, **test))]
+    for p in args.aig_p if control in args.aig_on else []:
+        scores = judged(AIGBackend(backend, trainer.loras, "power_p", p), setting, judge, plain_reward, base, **test)
         rows.append(dict(control=control, inference=f"AIG p={p:g}", kl_coef=kl, **scores))
     for r in rows:
         r.update(seconds=seconds, steps=config.steps, train_reward_last10=sum(
@@ -211,7 +203,7 @@ def robust_main(args, argv, judge):
     base, rows = None, []
     for control in args.controls:
         print(f"adversarial, {control} ...", flush=True)
-        base, new = run_robust(control, args, judge)
+        base, new = run_robust(control, args, judge, base)
         rows += new
         for r in new:
             print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
@@ -230,9 +222,10 @@ def robust_main(args, argv, judge):
     verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
                else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
     (out / f"{name}.md").write_text(
-        f"Measured with `{' '.join(['bench/hacking.py', *argv])}` (the last LoRA of each run; test set: new prompt "
-        f"wording, 32 new seeds per prompt, 20 DDIM steps; training {args.steps} steps of DRaFT-LV with "
-        f"{args.sampling_steps} sampling steps)\n\n{robust_table(base, rows)}\n\n{verdict}\n")
+        f"Measured with `{' '.join(['bench/hacking.py', *argv])}` (the last LoRA of each run; test set: prompts "
+        f"{', '.join(repr(p) for p in settings('adversarial', 0)['test'])} (new wording), {args.test_seeds} new seeds "
+        f"each, {args.test_steps} DDIM steps; training: {args.steps} steps of DRaFT-LV, batch {args.batch_size}, "
+        f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n")
     print(robust_table(base, rows))
     print(verdict)
 
@@ -254,7 +247,11 @@ def main(argv=None):
     r = p.add_argument_group("robust controls (--robust: the adversarial task only, writes hacking_robust.*)")
     r.add_argument("--robust", action="store_true", help="measure EOT, ensembles, KL, combinations and AIG")
     r.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
-    r.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps while training (test: always 20)")
+    r.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps while training")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--test-seeds", type=int, default=32, help="untouched seeds per test prompt")
+    r.add_argument("--test-steps", type=int, default=20, help="DDIM steps of the test samples")
+    r.add_argument("--aig-on", nargs="*", default=["plain", "eot+ensemble"], help="controls also judged under AIG")
     r.add_argument("--transforms", default="translate, scale, blur, noise", help="EOT's transformations")
     r.add_argument("--eot-strength", type=float, default=1.0)
     r.add_argument("--draws", type=int, default=4, help="EOT's transformations per image")
@@ -262,6 +259,7 @@ def main(argv=None):
     r.add_argument("--aig-p", type=float, nargs="*", default=[1.0, 3.0], help="AIG power_p values at inference")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    args.kl_coef_given = "--kl-coef" in argv  # --robust: replaces the controls' own KL coefficient
     torch.manual_seed(args.seed)
     judge = digits.load_classifier("judge_classifier")
     if args.robust:
