@@ -103,3 +103,29 @@ def test_aig_sampler_node_equals_the_ddim_sampler_at_w0_and_w1(comfyui, tiny_sd1
     for other in ("base", "lora"):  # a real mix lies strictly apart from both
         assert (out["aig_linear"] - out[other]).abs().max() > 1e-3 * gap
     assert torch.isfinite(out["aig_linear"]).all()
+
+
+@pytest.mark.slow
+def test_aig_sweep_node_rows_match_the_strength_sweep_at_the_ends(comfyui, tiny_sd15):
+    """step_f with f = 0 is the LoRA throughout and f = 1 the base model: the AIG sweep's rows equal the LoRA strength
+    sweep's rows at strength 1 and 0 (same prompts, seeds, reward)."""
+    lora = random_lora_file(comfyui, "aig_random_lora.safetensors")
+    common = {"clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0], "prompts": "a watercolor fox",
+              "negative_prompt": "", "seeds": 2, "first_seed": 5, "steps": 3, "cfg": 5.0, "width": 64, "height": 64}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15}},
+        "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
+        "3": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora,
+                                                                "strength_model": 1.0}},
+        "4": {"class_type": "DRaFTLoRAStrengthSweep", "inputs": dict(common, model=["1", 0], lora_name=lora,
+                                                                       strengths="1, 0")},
+        "5": {"class_type": "DRaFTAIGSweep", "inputs": dict(common, base_model=["1", 0], model=["3", 0],
+                                                              schedule="step_f", values="0, 1")},
+    }
+    history = comfyui.run(prompt)
+    strength_rows, aig_rows = history["outputs"]["4"]["rows"], history["outputs"]["5"]["rows"]
+    assert [r["f"] for r in aig_rows] == [0.0, 1.0]
+    for ours, theirs in zip(aig_rows, strength_rows):
+        assert ours["reward"] == pytest.approx(theirs["reward"], rel=1e-6, abs=1e-7)
+        assert ours["diversity"] == pytest.approx(theirs["diversity"], rel=1e-5)
+    assert strength_rows[0]["reward"] != pytest.approx(strength_rows[1]["reward"], rel=1e-4)
