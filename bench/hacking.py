@@ -193,21 +193,12 @@ def robust_table(base, rows):
     return "\n".join(lines)
 
 
-def robust_main(args, argv, judge):
+def write_robust(out, args, argv, base, rows):
+    """hacking_robust.json, .md (table and verdict) and .png (Pareto chart) from the rows so far."""
     from PIL import Image
 
     from comfy_draft.plotting import pareto_chart
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base, rows = None, []
-    for control in args.controls:
-        print(f"adversarial, {control} ...", flush=True)
-        base, new = run_robust(control, args, judge, base)
-        rows += new
-        for r in new:
-            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
-                  f"{r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
     name = "hacking_robust"
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "threshold": THRESHOLD, "goal": GOAL,
                                                   "base": base, "results": rows}, indent=1))
@@ -226,6 +217,21 @@ def robust_main(args, argv, judge):
         f"{', '.join(repr(p) for p in settings('adversarial', 0)['test'])} (new wording), {args.test_seeds} new seeds "
         f"each, {args.test_steps} DDIM steps; training: {args.steps} steps of DRaFT-LV, batch {args.batch_size}, "
         f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n")
+    return verdict
+
+
+def robust_main(args, argv, judge):
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, rows = None, []
+    for control in args.controls:
+        print(f"adversarial, {control} ...", flush=True)
+        base, new = run_robust(control, args, judge, base)
+        rows += new
+        for r in new:
+            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
+                  f"{r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
+        verdict = write_robust(out, args, argv, base, rows)  # after every control: a long run can be cut short
     print(robust_table(base, rows))
     print(verdict)
 
