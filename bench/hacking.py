@@ -193,15 +193,28 @@ def robust_table(base, rows):
     return "\n".join(lines)
 
 
-def write_robust(out, args, argv, base, rows):
+def robust_command(args):
+    """The one command that reproduces a --robust measurement (also when it was run as parallel subsets)."""
+    flags = ["--robust", "--controls", *args.controls]
+    for name in ("steps", "lr", "batch_size", "sampling_steps", "test_seeds", "test_steps", "transforms",
+                 "eot_strength", "draws", "temperature", "seed"):
+        value = getattr(args, name)
+        flags += [f"--{name.replace('_', '-')}", repr(value) if isinstance(value, str) else f"{value:g}"]
+    flags += ["--kl-coef", *(f"{k:g}" for k in args.kl_coef), "--aig-p", *(f"{p:g}" for p in args.aig_p),
+              "--aig-on", *args.aig_on]
+    return " ".join(["bench/hacking.py", *flags])
+
+
+def write_robust(out, args, base, rows):
     """hacking_robust.json, .md (table and verdict) and .png (Pareto chart) from the rows so far."""
     from PIL import Image
 
     from comfy_draft.plotting import pareto_chart
 
     name = "hacking_robust"
-    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "threshold": THRESHOLD, "goal": GOAL,
-                                                  "base": base, "results": rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "command": robust_command(args),
+                                                  "threshold": THRESHOLD, "goal": GOAL, "base": base, "results": rows},
+                                                 indent=1))
     points = [("base", base["judge_confident"], base["judge_target"])] + \
         [(f"{r['control']}" + ("" if r["inference"] == "LoRA" else f" {r['inference']}"), r["judge_confident"],
           r["judge_target"]) for r in rows]
@@ -213,14 +226,14 @@ def write_robust(out, args, argv, base, rows):
     verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
                else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
     (out / f"{name}.md").write_text(
-        f"Measured with `{' '.join(['bench/hacking.py', *argv])}` (the last LoRA of each run; test set: prompts "
+        f"Measured with `{robust_command(args)}` (the last LoRA of each run; test set: prompts "
         f"{', '.join(repr(p) for p in settings('adversarial', 0)['test'])} (new wording), {args.test_seeds} new seeds "
         f"each, {args.test_steps} DDIM steps; training: {args.steps} steps of DRaFT-LV, batch {args.batch_size}, "
         f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n")
     return verdict
 
 
-def robust_main(args, argv, judge):
+def robust_main(args, judge):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base, rows = None, []
@@ -231,7 +244,7 @@ def robust_main(args, argv, judge):
         for r in new:
             print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
                   f"{r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
-        verdict = write_robust(out, args, argv, base, rows)  # after every control: a long run can be cut short
+        verdict = write_robust(out, args, base, rows)  # after every control: a long run can be cut short
     print(robust_table(base, rows))
     print(verdict)
 
@@ -263,13 +276,23 @@ def main(argv=None):
     r.add_argument("--draws", type=int, default=4, help="EOT's transformations per image")
     r.add_argument("--temperature", type=float, default=1.0, help="the ensemble's soft-minimum temperature")
     r.add_argument("--aig-p", type=float, nargs="*", default=[1.0, 3.0], help="AIG power_p values at inference")
+    r.add_argument("--merge", nargs="+", metavar="FOLDER", help="only merge the hacking_robust.json of runs of "
+                   "--controls subsets (e.g. run in parallel; each control is seeded alike) into --out")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.kl_coef_given = "--kl-coef" in argv  # --robust: replaces the controls' own KL coefficient
     torch.manual_seed(args.seed)
     judge = digits.load_classifier("judge_classifier")
+    if args.merge:
+        runs = [json.loads((pathlib.Path(f) / "hacking_robust.json").read_text()) for f in args.merge]
+        rows = [r for run in runs for r in run["results"]]
+        vars(args).update({k: v for k, v in runs[0]["args"].items() if k not in ("out", "merge", "controls")},
+                          controls=list(dict.fromkeys(r["control"] for r in rows)))
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(write_robust(pathlib.Path(args.out), args, runs[0]["base"], rows))
+        return
     if args.robust:
-        return robust_main(args, argv, judge)
+        return robust_main(args, judge)
     results = []
     for setting in args.settings:
         for kl_coef in [*args.kl_coef, *([] if args.no_plain else [0.0])]:
