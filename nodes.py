@@ -463,7 +463,8 @@ class DRaFTRewardEOT:
     def INPUT_TYPES(cls):
         from .comfy_draft.rewards.robust import TRANSFORMS
         return {"required": {
-            "reward": ("DRAFT_REWARD", {"tooltip": "The reward to make robust (left as it is; a wrapper is returned)."}),
+            "reward": ("DRAFT_REWARD", {"tooltip": "The reward to make robust (left as it is: a wrapper is "
+                                                   "returned)."}),
             "transforms": ("STRING", {"default": "translate, scale, blur, noise",
                                       "tooltip": f"Comma separated, from: {', '.join(TRANSFORMS)} (or 'all'). "
                                                  "Leave out flip where a mirror image means something else "

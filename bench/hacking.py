@@ -170,7 +170,7 @@ def run_robust(control, args, judge, base=None):
 
 
 def pareto_front(rows):
-    """Rows not dominated in (judge_confident, judge_target): no other row is at least as good in both, better in one."""
+    """Rows not dominated in (judge_confident, judge_target): no other row is as good in both and better in one."""
     def dominated(r):
         return any(o["judge_confident"] >= r["judge_confident"] and o["judge_target"] >= r["judge_target"]
                    and (o["judge_confident"], o["judge_target"]) != (r["judge_confident"], r["judge_target"])
@@ -221,7 +221,8 @@ def write_robust(out, args, base, rows):
     Image.fromarray(pareto_chart(points, GOAL["judge_confident"], GOAL["judge_target"],
                                  x_label=f"judge: confidently a digit (p >= {THRESHOLD})",
                                  y_label="judge reads the target 8",
-                                 title="prompt 3, reward log p(8): reward hacking vs transfer")).save(out / f"{name}.png")
+                                 title="prompt 3, reward log p(8): reward hacking vs transfer")
+                    ).save(out / f"{name}.png")
     reached = [r for r in rows if r["goal"]]
     verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
                else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
@@ -242,8 +243,8 @@ def robust_main(args, judge):
         base, new = run_robust(control, args, judge, base)
         rows += new
         for r in new:
-            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, judge reads 8 "
-                  f"{r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
+            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, "
+                  f"judge reads 8 {r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
         verdict = write_robust(out, args, base, rows)  # after every control: a long run can be cut short
     print(robust_table(base, rows))
     print(verdict)

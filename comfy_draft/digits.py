@@ -129,7 +129,8 @@ def robust_reward(target=None, eot=False, ensemble=False, transforms="translate,
 
     reward = DigitReward(load_classifier("reward_classifier"), target)
     if ensemble:
-        reward = Ensemble([reward, DigitReward(load_classifier("second_reward_classifier"), target)], "min", temperature)
+        second = DigitReward(load_classifier("second_reward_classifier"), target)
+        reward = Ensemble([reward, second], "min", temperature)
     if eot:
         reward = ExpectationOverTransforms(reward, transforms, strength, draws, seed)
     return reward

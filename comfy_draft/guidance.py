@@ -9,8 +9,8 @@ so the base model lays out the image (composition, which digit, which object) an
 late in the chain. A trade of reward for fidelity at inference, without touching the LoRA's strength.
 
 With x = x0 + sigma * eps at the same x and sigma, a mix of eps is the same mix of the x0 predictions, so the
-samplers here, which work with x0 predictors (`sampling`), mix those (`Mixed`). Steps with w = 0 or 1 call one model only,
-so w = 0 throughout is the base model's DDIM sample exactly and w = 1 throughout the LoRA model's.
+samplers here, which work with x0 predictors (`sampling`), mix those (`Mixed`). Steps with w = 0 or 1 call one
+model only, so w = 0 throughout is the base model's DDIM sample exactly and w = 1 throughout the LoRA model's.
 """
 import torch
 

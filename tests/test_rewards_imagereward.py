@@ -48,7 +48,8 @@ def published_state_dict(seed=0):
     for i in range(LAYERS):
         b = f"{t}encoder.layer.{i}."
         for att, kv_width in (("attention", HIDDEN), ("crossattention", WIDTH)):
-            sd.update(**linear(f"{b}{att}.self.query", HIDDEN, HIDDEN), **linear(f"{b}{att}.self.key", HIDDEN, kv_width),
+            sd.update(**linear(f"{b}{att}.self.query", HIDDEN, HIDDEN),
+                      **linear(f"{b}{att}.self.key", HIDDEN, kv_width),
                       **linear(f"{b}{att}.self.value", HIDDEN, kv_width),
                       **linear(f"{b}{att}.output.dense", HIDDEN, HIDDEN), **ln(f"{b}{att}.output.LayerNorm", HIDDEN))
         sd.update(**linear(b + "intermediate.dense", FFN, HIDDEN), **linear(b + "output.dense", HIDDEN, FFN),

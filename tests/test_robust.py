@@ -1,4 +1,4 @@
-"""Robust reward wrappers (EOT, ensembles) against explicit loops and independent references; the trainer's step seed."""
+"""Robust reward wrappers (EOT, ensembles) against explicit loops and independent references; the trainer's seeds."""
 import pytest
 import torch
 import torchvision

@@ -36,7 +36,8 @@ VISION_RENAMES = (("cls_token", "embeddings.class_embedding"), ("pos_embed", "em
                   ("patch_embed.proj.", "embeddings.patch_embedding."), ("norm.", "post_layernorm."))
 BLOCK_RENAMES = (("norm1.", "layer_norm1."), ("norm2.", "layer_norm2."), ("attn.qkv.", "self_attn.qkv."),
                  ("attn.proj.", "self_attn.projection."), ("mlp.", "mlp."))
-REQUIRED = ("blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed", "blip.visual_encoder.patch_embed.proj.weight",
+REQUIRED = ("blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed",
+            "blip.visual_encoder.patch_embed.proj.weight",
             "blip.visual_encoder.blocks.0.attn.qkv.weight", "blip.text_encoder.embeddings.word_embeddings.weight",
             "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight", "mlp.layers.0.weight")
 
