@@ -13,6 +13,9 @@ sums and ensembles) draws from a generator seeded by (its seed, the step seed), 
 micro-batch's own seed (`trainer.step_generator(...).initial_seed()`), so a resumed run draws what the
 uninterrupted run drew; validation and judging outside it score deterministically with the wrapper's seed.
 The transforms never depend on the images' content.
+
+The wrappers offer no image features of their own (`Reward.features`): validation measures feature diversity with a
+judge's features (or, without judges, in pixels only).
 """
 import contextlib
 import math
@@ -148,9 +151,6 @@ class ExpectationOverTransforms(Reward):
         scores = self.reward(transformed, prompts * self.draws)
         return scores.reshape(self.draws, images.shape[0]).mean(0)
 
-    def features(self, images):
-        return self.reward.features(images)
-
 
 @contextlib.contextmanager
 def seeded(reward, step_seed):
@@ -194,9 +194,3 @@ class Ensemble(Reward):
             return scores.mean(0)
         t = self.temperature
         return -t * (torch.logsumexp(-scores / t, 0) - math.log(len(self.rewards)))
-
-    def features(self, images):
-        for r in self.rewards:
-            if type(r).features is not Reward.features:
-                return r.features(images)
-        return None
