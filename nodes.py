@@ -88,7 +88,8 @@ class DRaFTRewardLoader:
     DESCRIPTION = ("Loads a differentiable reward from models/reward_models. aesthetic: the LAION MLP .pth plus "
                    "its CLIP ViT-L/14 tower (clip_file); hpsv2: HPS_v2(.1)_compressed.pt; pickscore: any file of "
                    "the PickScore_v1 folder; clip_similarity: a CLIP checkpoint, target text in `text`; "
-                   "imagenet_classifier: a torchvision ResNet/MobileNetV2 .pth, class names in `text`.")
+                   "imagenet_classifier: a torchvision ResNet/MobileNetV2 .pth, class names in `text`; "
+                   "imagereward: ImageReward.pt with med_config.json and BERT's vocab.txt beside it.")
     CATEGORY = "DRaFT"
     FUNCTION = "load"
     RETURN_TYPES = ("DRAFT_REWARD",)
@@ -556,3 +557,186 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTValidation": "DRaFT Validation",
     "DRaFTLoRAStrengthSweep": "DRaFT LoRA Strength Sweep",
 }
+
+
+# ----- robust rewards and annealed importance guidance (docs/robust_rewards.md) ---------------------------------------
+
+class DRaFTRewardEOT:
+    DESCRIPTION = ("Expectation over transformation: the reward averaged over random, differentiable transformations "
+                   "of each image, so that a LoRA cannot raise it with patterns tied to exact pixels (adversarial "
+                   "textures). Training draws new transformations every step from the step's seed.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "wrap"
+    RETURN_TYPES = ("DRAFT_REWARD",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .comfy_draft.rewards.robust import TRANSFORMS
+        return {"required": {
+            "reward": ("DRAFT_REWARD", {"tooltip": "The reward to make robust (left as it is: a wrapper is "
+                                                   "returned)."}),
+            "transforms": ("STRING", {"default": "translate, scale, blur, noise",
+                                      "tooltip": f"Comma separated, from: {', '.join(TRANSFORMS)} (or 'all'). "
+                                                 "Leave out flip where a mirror image means something else "
+                                                 "(text, digits)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.05,
+                                   "tooltip": "Scales every range: at 1, shifts up to 12.5% of the side, zoom "
+                                              "0.8-1.25x, blur up to sigma max(1 px, side/256), noise std up to "
+                                              "0.05, colour factors 0.8-1.2."}),
+            "draws": ("INT", {"default": 4, "min": 1, "max": 64,
+                              "tooltip": "Transformations per image per reward call (each costs one reward "
+                                         "evaluation)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Seed of the transformations; training mixes in each step's seed."}),
+        }}
+
+    def wrap(self, reward, transforms, strength, draws, seed):
+        from .comfy_draft.rewards.robust import ExpectationOverTransforms
+        return (ExpectationOverTransforms(reward, transforms, strength, draws, seed),)
+
+
+class DRaFTRewardEnsemble:
+    DESCRIPTION = ("Several rewards as one: their mean, or their soft minimum, so that a LoRA must satisfy all of "
+                   "them (an adversarial pattern rarely fools independently trained models at once).")
+    CATEGORY = "DRaFT"
+    FUNCTION = "combine"
+    RETURN_TYPES = ("DRAFT_REWARD",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        reward = ("DRAFT_REWARD", {"tooltip": "A member of the ensemble (rewards on comparable scales)."})
+        return {"required": {
+            "reward_a": reward, "reward_b": reward,
+            "mode": (["min", "mean"], {"tooltip": "min: soft minimum, the gradient goes mostly to the worst reward; "
+                                                 "mean: the average."}),
+            "temperature": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 1000.0, "step": 0.01,
+                                      "tooltip": "min only: towards 0 the hard minimum, large values the mean."}),
+        }, "optional": {"reward_c": reward}}
+
+    def combine(self, reward_a, reward_b, mode, temperature, reward_c=None):
+        from .comfy_draft.rewards.robust import Ensemble
+        members = [reward_a, reward_b] + ([reward_c] if reward_c is not None else [])
+        return (Ensemble(members, mode, temperature),)
+
+
+def aig_inputs():
+    from .comfy_draft.guidance import SCHEDULES
+    return {
+        "schedule": (list(SCHEDULES), {"default": "power_p",
+                                       "tooltip": "LoRA share w at step i of N: linear i/N; power_p (i/N)^p; "
+                                                  "step_f 1 from i/N >= f on (0 before)."}),
+        "p": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                        "tooltip": "power_p: larger p hands over to the LoRA later (more base model, less reward)."}),
+        "f": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                        "tooltip": "step_f: the fraction of the chain after which only the LoRA model runs."}),
+    }
+
+
+BASE_MODEL_TOOLTIP = ("The model without the LoRA: the MODEL that went into LoraLoader. (A second copy of the UNet is "
+                      "held while sampling when both share one, since ComfyUI merges a LoRA into the weights.)")
+
+
+class DRaFTAIGSampler:
+    DESCRIPTION = ("Annealed importance guidance: DDIM (as DRaFT DDIM Sampler) with the prediction (1 - w) base + "
+                   "w LoRA, w growing along the chain, so the base model lays out the image and the LoRA adds "
+                   "detail. Trades reward for fidelity without changing the LoRA strength.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base_model": ("MODEL", {"tooltip": BASE_MODEL_TOOLTIP}),
+            "model": ("MODEL", {"tooltip": "The same model with the LoRA applied (LoraLoader's output)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to sample (e.g. Empty Latent Image)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Noise seed (drawn as KSampler draws it)."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (for both models)."}),
+            **aig_inputs(),
+        }}
+
+    def sample(self, base_model, model, positive, negative, latent_image, seed, steps, cfg, schedule, p, f):
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = backend.sample_aig(base_model, model, positive, negative, latent_image, seed, steps, cfg,
+                                     schedule, p, f, callback=callback,
+                                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
+        out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
+                                    dtype=comfy.model_management.intermediate_dtype())
+        return (out,)
+
+
+class DRaFTAIGSweep:
+    DESCRIPTION = ("The strength sweep's counterpart for annealed importance guidance: held-out reward, judges and "
+                   "diversity at several values of the schedule's parameter (p of power_p, f of step_f), LoRA "
+                   "strength fixed. p = 0 or f = 0 is the LoRA model throughout, f = 1 the base model.")
+    CATEGORY = "DRaFT"
+    FUNCTION = "sweep"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("table", "grid")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "base_model": ("MODEL", {"tooltip": BASE_MODEL_TOOLTIP}),
+            "model": ("MODEL", {"tooltip": "The same model with the LoRA applied (LoraLoader's output)."}),
+            "clip": ("CLIP", {"tooltip": "Encodes the prompts."}),
+            "vae": ("VAE", {"tooltip": "Decodes the samples for the reward."}),
+            "reward": ("DRAFT_REWARD", {"tooltip": "The reward to report (usually the training reward)."}),
+            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
+                                   "tooltip": "Held-out prompts, one per line."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "For every sample."}),
+            "schedule": (["power_p", "step_f"], {"tooltip": "Which parameter is swept: p of power_p or f of step_f."}),
+            "values": ("STRING", {"default": "0, 1, 2, 4",
+                                  "tooltip": "The parameter values, comma separated."}),
+            "seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                   "tooltip": "Seeds first_seed, first_seed + 1, ..."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
+            "width": SIZE_INPUT,
+            "height": SIZE_INPUT,
+        }, "optional": judge_inputs(2)}
+
+    def sweep(self, base_model, model, clip, vae, reward, prompts, negative_prompt, schedule, values, seeds,
+              first_seed, steps, cfg, width, height, **judges):
+        try:
+            numbers = [float(v) for v in values.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"values: give numbers separated by commas, got {values!r}") from None
+        if not numbers or not lines(prompts):
+            raise ValueError("give at least one value and one prompt")
+        key = "p" if schedule == "power_p" else "f"
+        lora_backend = backend.AIGSamplingBackend(base_model, model, clip, vae, schedule)  # one copy for the sweep
+        size = backend.native_size(model)
+
+        def backends():
+            for v in numbers:
+                setattr(lora_backend, key, v)
+                yield v, lora_backend
+        rows, images = strength_sweep(backends(), reward, lines(prompts), seed_list(first_seed, seeds),
+                                      negative_prompt, cfg, steps, width or size, height or size, judges)
+        rows = [{key: r.pop("strength"), **r} for r in rows]
+        table = sweep_table(rows)
+        grid = torch.from_numpy(image_grid(images, len(images) // len(numbers))).float().div(255)[None]
+        return {"ui": {"text": [f"AIG {schedule}\n{table}"], "rows": rows}, "result": (table, grid)}
+
+
+NODE_CLASS_MAPPINGS.update({
+    "DRaFTRewardEOT": DRaFTRewardEOT,
+    "DRaFTRewardEnsemble": DRaFTRewardEnsemble,
+    "DRaFTAIGSampler": DRaFTAIGSampler,
+    "DRaFTAIGSweep": DRaFTAIGSweep,
+})
+NODE_DISPLAY_NAME_MAPPINGS.update({
+    "DRaFTRewardEOT": "DRaFT Robust Reward (EOT)",
+    "DRaFTRewardEnsemble": "DRaFT Reward Ensemble",
+    "DRaFTAIGSampler": "DRaFT AIG Sampler",
+    "DRaFTAIGSweep": "DRaFT AIG Sweep",
+})

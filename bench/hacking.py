@@ -26,6 +26,7 @@ import time
 import torch
 
 from comfy_draft import digits
+from comfy_draft.demo import CONTROLS  # the demo trains with the best of them
 from comfy_draft.trainer import TrainConfig, Trainer
 from comfy_draft.validation import ValidationConfig, Validator, held_out_images, score_images
 
@@ -108,6 +109,146 @@ def table(results):
                          f"{s['judge_confident']:.1%} | {s['diversity_vs_base']:.2f} / {s['feature_diversity_vs_base']:.2f} |")
     return "\n".join(lines)
 
+# ----- robust controls (--robust): EOT, ensembles, KL and their combinations; AIG at inference ----------------------
+GOAL = {"judge_target": 0.5, "judge_confident": 0.9}  # the issue's goal: both at once
+
+
+def robust_reward(control, args):
+    """The training reward of a control (`digits.robust_reward`): log p(8), optionally ensembled and/or in EOT."""
+    eot, ensemble, _ = CONTROLS[control]
+    return digits.robust_reward(8, eot, ensemble, args.transforms, args.eot_strength, args.draws, args.temperature,
+                                args.seed)
+
+
+def judged(backend, setting, judge, reward, base=None, seeds=range(20_000, 20_032), steps=20):
+    """test_scores plus the held-out training reward (plain log p(8) of the reward classifier) on the same samples."""
+    prompts = setting["test"]
+    images = held_out_images(backend, prompts, list(seeds), "", setting["cfg"], steps, digits.SIZE, digits.SIZE)
+    with torch.no_grad():
+        probs = judge(images).softmax(-1)
+        held_out_reward = reward(images, [p for p in prompts for _ in seeds]).mean().item()
+    scores = score_images(images, prompts, len(seeds), digits.DigitReward(judge, 8), {}, digits.DigitReward(judge, 8))
+    out = {"held_out_reward": held_out_reward, "judge_target": (probs.argmax(-1) == 8).float().mean().item(),
+           "judge_confident": (probs.max(-1).values >= THRESHOLD).float().mean().item(),
+           "diversity": scores["diversity"], "feature_diversity": scores["feature_diversity"]}
+    if base is not None:
+        out["diversity_vs_base"] = out["diversity"] / base["diversity"]
+        out["feature_diversity_vs_base"] = out["feature_diversity"] / base["feature_diversity"]
+    out["goal"] = all(out[k] >= v for k, v in GOAL.items())
+    return out
+
+
+def run_robust(control, args, judge, base=None):
+    """Train one control on the adversarial task; judge the last LoRA, and the LoRA under AIG at each p."""
+    from comfy_draft.guidance import AIGBackend
+
+    setting = settings("adversarial", args.alignment_cfg)
+    _, _, kl = CONTROLS[control]
+    kl = args.kl_coef[0] if kl and args.kl_coef_given else kl
+    backend = digits.load_backend()
+    config = TrainConfig(prompts=setting["train"], variant="draft-lv", steps=args.steps, lr=args.lr,
+                         cfg=setting["cfg"], sampling_steps=args.sampling_steps, width=digits.SIZE,
+                         height=digits.SIZE, batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=kl)
+    test = dict(seeds=range(20_000, 20_000 + args.test_seeds), steps=args.test_steps)
+    trainer = Trainer(backend, robust_reward(control, args), config)
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    plain_reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
+    if base is None:
+        with trainer.loras.disabled():
+            base = judged(backend, setting, judge, plain_reward, **test)
+    rows = [dict(control=control, inference="LoRA", kl_coef=kl,
+                 **judged(backend, setting, judge, plain_reward, base, **test))]
+    for p in args.aig_p if control in args.aig_on else []:
+        scores = judged(AIGBackend(backend, trainer.loras, "power_p", p), setting, judge, plain_reward, base, **test)
+        rows.append(dict(control=control, inference=f"AIG p={p:g}", kl_coef=kl, **scores))
+    for r in rows:
+        r.update(seconds=seconds, steps=config.steps, train_reward_last10=sum(
+            m["reward"] for m in trainer.history[-10:]) / min(10, len(trainer.history)))
+    return base, rows
+
+
+def pareto_front(rows):
+    """Rows not dominated in (judge_confident, judge_target): no other row is as good in both and better in one."""
+    def dominated(r):
+        return any(o["judge_confident"] >= r["judge_confident"] and o["judge_target"] >= r["judge_target"]
+                   and (o["judge_confident"], o["judge_target"]) != (r["judge_confident"], r["judge_target"])
+                   for o in rows)
+    return [r for r in rows if not dominated(r)]
+
+
+def robust_table(base, rows):
+    lines = ["| control | inference | kl_coef | held-out reward log p(8) | judge reads 8 | judge confident digit "
+             f"(p >= {THRESHOLD}) | diversity vs base (pixel / judge features) | goal | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| base model | - | - | {base['held_out_reward']:.2f} | {base['judge_target']:.1%} | "
+             f"{base['judge_confident']:.1%} | 1.00 / 1.00 | {'yes' if base['goal'] else 'no'} | |"]
+    front = pareto_front([base, *rows])
+    for r in rows:
+        lines.append(f"| {r['control']} | {r['inference']} | {r['kl_coef']:g} | {r['held_out_reward']:.2f} | "
+                     f"{r['judge_target']:.1%} | {r['judge_confident']:.1%} | {r['diversity_vs_base']:.2f} / "
+                     f"{r['feature_diversity_vs_base']:.2f} | {'yes' if r['goal'] else 'no'} | "
+                     f"{'yes' if r in front else ''} |")
+    return "\n".join(lines)
+
+
+def robust_command(args):
+    """The one command that reproduces a --robust measurement (also when it was run as parallel subsets)."""
+    flags = ["--robust", "--controls", *args.controls]
+    for name in ("steps", "lr", "batch_size", "sampling_steps", "test_seeds", "test_steps", "transforms",
+                 "eot_strength", "draws", "temperature", "seed"):
+        value = getattr(args, name)
+        flags += [f"--{name.replace('_', '-')}", repr(value) if isinstance(value, str) else f"{value:g}"]
+    flags += ["--kl-coef", *(f"{k:g}" for k in args.kl_coef), "--aig-p", *(f"{p:g}" for p in args.aig_p),
+              "--aig-on", *args.aig_on]
+    return " ".join(["bench/hacking.py", *flags])
+
+
+def write_robust(out, args, base, rows):
+    """hacking_robust.json, .md (table and verdict) and .png (Pareto chart) from the rows so far."""
+    from PIL import Image
+
+    from comfy_draft.plotting import pareto_chart
+
+    name = "hacking_robust"
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "command": robust_command(args),
+                                                  "threshold": THRESHOLD, "goal": GOAL, "base": base, "results": rows},
+                                                 indent=1))
+    points = [("base", base["judge_confident"], base["judge_target"])] + \
+        [(f"{r['control']}" + ("" if r["inference"] == "LoRA" else f" {r['inference']}"), r["judge_confident"],
+          r["judge_target"]) for r in rows]
+    Image.fromarray(pareto_chart(points, GOAL["judge_confident"], GOAL["judge_target"],
+                                 x_label=f"judge: confidently a digit (p >= {THRESHOLD})",
+                                 y_label="judge reads the target 8",
+                                 title="prompt 3, reward log p(8): reward hacking vs transfer")
+                    ).save(out / f"{name}.png")
+    reached = [r for r in rows if r["goal"]]
+    verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
+               else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
+    (out / f"{name}.md").write_text(
+        f"Measured with `{robust_command(args)}` (the last LoRA of each run; test set: prompts "
+        f"{', '.join(repr(p) for p in settings('adversarial', 0)['test'])} (new wording), {args.test_seeds} new seeds "
+        f"each, {args.test_steps} DDIM steps; training: {args.steps} steps of DRaFT-LV, batch {args.batch_size}, "
+        f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n")
+    return verdict
+
+
+def robust_main(args, judge):
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, rows = None, []
+    for control in args.controls:
+        print(f"adversarial, {control} ...", flush=True)
+        base, new = run_robust(control, args, judge, base)
+        rows += new
+        for r in new:
+            print(f"  {r['inference']}: {r['seconds']:.0f}s, held-out reward {r['held_out_reward']:+.2f}, "
+                  f"judge reads 8 {r['judge_target']:.0%}, confident {r['judge_confident']:.0%}", flush=True)
+        verdict = write_robust(out, args, base, rows)  # after every control: a long run can be cut short
+    print(robust_table(base, rows))
+    print(verdict)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +264,36 @@ def main(argv=None):
     p.add_argument("--val-seeds", type=int, default=8)
     p.add_argument("--diversity-floor", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("robust controls (--robust: the adversarial task only, writes hacking_robust.*)")
+    r.add_argument("--robust", action="store_true", help="measure EOT, ensembles, KL, combinations and AIG")
+    r.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
+    r.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps while training")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--test-seeds", type=int, default=32, help="untouched seeds per test prompt")
+    r.add_argument("--test-steps", type=int, default=20, help="DDIM steps of the test samples")
+    r.add_argument("--aig-on", nargs="*", default=["plain", "eot+ensemble"], help="controls also judged under AIG")
+    r.add_argument("--transforms", default="translate, scale, blur, noise", help="EOT's transformations")
+    r.add_argument("--eot-strength", type=float, default=1.0)
+    r.add_argument("--draws", type=int, default=4, help="EOT's transformations per image")
+    r.add_argument("--temperature", type=float, default=1.0, help="the ensemble's soft-minimum temperature")
+    r.add_argument("--aig-p", type=float, nargs="*", default=[1.0, 3.0], help="AIG power_p values at inference")
+    r.add_argument("--merge", nargs="+", metavar="FOLDER", help="only merge the hacking_robust.json of runs of "
+                   "--controls subsets (e.g. run in parallel; each control is seeded alike) into --out")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    args.kl_coef_given = "--kl-coef" in argv  # --robust: replaces the controls' own KL coefficient
     torch.manual_seed(args.seed)
     judge = digits.load_classifier("judge_classifier")
+    if args.merge:
+        runs = [json.loads((pathlib.Path(f) / "hacking_robust.json").read_text()) for f in args.merge]
+        rows = [r for run in runs for r in run["results"]]
+        vars(args).update({k: v for k, v in runs[0]["args"].items() if k not in ("out", "merge", "controls")},
+                          controls=list(dict.fromkeys(r["control"] for r in rows)))
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(write_robust(pathlib.Path(args.out), args, runs[0]["base"], rows))
+        return
+    if args.robust:
+        return robust_main(args, judge)
     results = []
     for setting in args.settings:
         for kl_coef in [*args.kl_coef, *([] if args.no_plain else [0.0])]:

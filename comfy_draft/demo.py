@@ -3,6 +3,11 @@
 By default the paper's "diffusion adversarial examples" in miniature: prompts ask for one digit and
 the reward is a classifier's log-probability of another, so the LoRA learns to draw the prompted digit
 the way the classifier reads the target. `--target prompted` rewards prompt alignment instead.
+
+The default control against reward hacking is the best setting of bench/hacking.py --robust (docs/robust_rewards.md):
+DEFAULT_CONTROL below; `--control plain` is plain DRaFT-LV. The verdict printed before and after is the judge's (a
+classifier trained on digits neither the model nor the rewards saw): how often it reads the goal digit and how often
+it is confident the sample is a digit at all.
 """
 import contextlib
 import json
@@ -25,16 +30,31 @@ def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None):
         return held_out_images(backend, prompts, seeds, "", cfg, steps, digits.SIZE, digits.SIZE)
 
 
+CONFIDENT = 0.9  # judge top-class probability from which a sample counts as confidently a digit
+# control -> (EOT, ensemble with the second classifier, KL coefficient), as measured by bench/hacking.py --robust
+CONTROLS = {"plain": (False, False, 0.0), "kl": (False, False, 3.0), "eot": (True, False, 0.0),
+            "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, 3.0),
+            "ensemble+kl": (False, True, 3.0), "eot+ensemble+kl": (True, True, 3.0)}
+DEFAULT_CONTROL = "eot+ensemble"
+
+
 def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None):
-    """Mean reward, and how often the independent judge reads the target digit (or the prompted one)."""
+    """Mean reward (plain, untransformed), how often the independent judge reads the target digit (or the prompted
+    one), and how often it is confident (p >= CONFIDENT) that the sample is a digit."""
     images = held_out_samples(backend, prompts, seeds, cfg, steps, strength)
     expanded = [p for p in prompts for _ in seeds]
     with torch.no_grad():
         rewards = reward(images, expanded)
         wanted = torch.tensor([target if target is not None else digits.digit_of(p) for p in expanded])
-        hits = (judge(images).argmax(-1).cpu() == wanted).float()
+        probs = judge(images).softmax(-1).cpu()
     return {"reward": rewards.mean().item(), "reward_sem": (rewards.std() / len(rewards) ** 0.5).item(),
-            "judge_accuracy": hits.mean().item()}, images
+            "judge_accuracy": (probs.argmax(-1) == wanted).float().mean().item(),
+            "judge_confident": (probs.max(-1).values >= CONFIDENT).float().mean().item()}, images
+
+
+def verdict(scores, goal):
+    return (f"held-out reward {scores['reward']:+.3f} (+/- {scores['reward_sem']:.3f}); judge reads {goal} in "
+            f"{scores['judge_accuracy']:.0%}, confidently a digit in {scores['judge_confident']:.0%}")
 
 
 def add_parser(sub):
@@ -42,14 +62,20 @@ def add_parser(sub):
     p.add_argument("--out", default="demo_output", help="folder for the LoRA, reward curve, grids and log")
     p.add_argument("--prompt-digit", type=int, default=3, help="the digit the prompts ask for")
     p.add_argument("--target", default="8", help="digit the reward wants, or 'prompted' for prompt alignment")
-    p.add_argument("--steps", type=int, default=80)
+    # defaults: the training setting of bench/hacking.py --robust (docs/robust_rewards.md)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--variant", default="draft-lv")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--sampling-steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sampling-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kl-coef", type=float, default=0.0, help="regulariser towards the base model (DRaFT+)")
+    p.add_argument("--control", choices=list(CONTROLS), default=DEFAULT_CONTROL,
+                   help="against reward hacking: EOT, an ensemble with a second classifier, KL, or plain DRaFT-LV")
+    p.add_argument("--kl-coef", type=float, default=None, help="regulariser towards the base model (DRaFT+); "
+                   "default: the control's")
+    p.add_argument("--aig-p", type=float, default=None,
+                   help="also sample the trained LoRA with annealed importance guidance, power_p schedule")
 
 
 def run(args):
@@ -57,7 +83,10 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     target = None if args.target == "prompted" else int(args.target)
     backend = digits.load_backend()
-    reward = digits.DigitReward(digits.load_classifier("reward_classifier"), target)
+    eot, ensemble, kl_coef = CONTROLS[args.control]
+    kl_coef = kl_coef if args.kl_coef is None else args.kl_coef
+    train_reward = digits.robust_reward(target, eot, ensemble, seed=args.seed)
+    reward = digits.DigitReward(digits.load_classifier("reward_classifier"), target)  # reported: the plain reward
     judge = digits.load_classifier("judge_classifier")  # trained on digits neither model nor reward saw
     train_prompts = [f"a {args.prompt_digit}"] if target is not None else [f"a {d}" for d in range(10)]
     held_out = ([f"the digit {digits.WORDS[args.prompt_digit]}"] if target is not None
@@ -65,7 +94,7 @@ def run(args):
     held_out_seeds = range(10_000, 10_000 + (32 if target is not None else 8))
     config = TrainConfig(prompts=train_prompts, variant=args.variant, steps=args.steps, lr=args.lr, cfg=args.cfg,
                          sampling_steps=args.sampling_steps, width=digits.SIZE, height=digits.SIZE,
-                         batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=args.kl_coef)
+                         batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=kl_coef)
     log = open(os.path.join(args.out, "log.jsonl"), "w")
 
     def report(metrics, images):
@@ -75,22 +104,27 @@ def run(args):
             print(f"step {metrics['step']:4d}/{config.steps}  reward {metrics['reward']:+.3f}  "
                   f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s/step", flush=True)
 
-    trainer = Trainer(backend, reward, config, [report])
+    trainer = Trainer(backend, train_reward, config, [report])
+    print(f"training on {train_reward.name}" + (f" with kl_coef {kl_coef:g}" if kl_coef else ""), flush=True)
     eval_args = (backend, reward, judge, held_out, held_out_seeds, args.cfg, args.sampling_steps, target)
     before, before_images = evaluate(*eval_args)
     goal = f"digit {target}" if target is not None else "the prompted digit"
-    print(f"before: held-out reward {before['reward']:+.3f} (+/- {before['reward_sem']:.3f}), "
-          f"judge reads {goal} in {before['judge_accuracy']:.0%}")
+    print(f"before: {verdict(before, goal)}")
     started = time.time()
     trainer.train()
     after, after_images = evaluate(*eval_args)
-    print(f"after {config.steps} steps ({time.time() - started:.0f}s): held-out reward {after['reward']:+.3f} "
-          f"(+/- {after['reward_sem']:.3f}), judge reads {goal} in {after['judge_accuracy']:.0%}")
+    print(f"after {config.steps} steps ({time.time() - started:.0f}s): {verdict(after, goal)}")
+    summary = {"before": before, "after": after}
+    if args.aig_p is not None:
+        from .guidance import AIGBackend
+        aig = AIGBackend(backend, trainer.loras, "power_p", args.aig_p)
+        summary["after_aig"] = evaluate(aig, *eval_args[1:])[0]
+        print(f"after, sampled with AIG (power_p, p = {args.aig_p:g}): {verdict(summary['after_aig'], goal)}")
     lora = trainer.save_lora(os.path.join(args.out, "digits_draft.safetensors"), overwrite=True)
     Image.fromarray(curve_image(trainer.history)).save(os.path.join(args.out, "reward_curve.png"))
     columns = len(held_out_seeds) if target is None else 16
     Image.fromarray(image_grid(torch.cat([before_images, after_images]), columns, 4)).save(os.path.join(args.out, "before_after.png"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"before": before, "after": after, "config": vars(args)}, f, indent=1)
+        json.dump(dict(summary, config=vars(args)), f, indent=1)
     print(f"wrote {lora}, reward_curve.png, before_after.png (top: before, bottom: after), log.jsonl in {args.out}")
     log.close()

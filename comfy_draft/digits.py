@@ -119,3 +119,18 @@ def load_backend(device="cpu"):
         encoder.load_state_dict(load_file(ASSETS / "digits_prompt_encoder.safetensors"))
     encoder = frozen(encoder).to(device)
     return TrainingBackend(unet.eval(), make_scheduler(), encode_prompts=encoder, device=device)
+
+
+def robust_reward(target=None, eot=False, ensemble=False, transforms="translate, scale, blur, noise", strength=1.0,
+                  draws=4, temperature=1.0, seed=0):
+    """The reward classifier's log p(target) (or of the prompted digit), optionally as a soft-min ensemble with the
+    second reward classifier (trained on digits neither it nor the judge saw) and/or in EOT (rewards.robust)."""
+    from .rewards.robust import Ensemble, ExpectationOverTransforms
+
+    reward = DigitReward(load_classifier("reward_classifier"), target)
+    if ensemble:
+        second = DigitReward(load_classifier("second_reward_classifier"), target)
+        reward = Ensemble([reward, second], "min", temperature)
+    if eot:
+        reward = ExpectationOverTransforms(reward, transforms, strength, draws, seed)
+    return reward

@@ -88,3 +88,22 @@ def image_grid(images, columns, scale=1):
     rows = [torch.cat(list(images[i:i + columns]), dim=-1) for i in range(0, len(images), columns)]
     array = (torch.cat(rows, dim=-2).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return array.repeat(scale, 0).repeat(scale, 1)
+
+
+def pareto_chart(points, goal_x=None, goal_y=None, x_label="", y_label="", title="", width=760, height=520):
+    """RGB uint8 array: labelled (label, x, y) points, higher is better on both axes, their Pareto front joined by a
+    line and the goal region (x >= goal_x and y >= goal_y) shaded."""
+    fig = figure(width, height)
+    ax = fig.add_subplot()
+    if goal_x is not None and goal_y is not None:
+        ax.fill_between([goal_x, 1.02], goal_y, 1.02, color="tab:green", alpha=0.15, label="goal")
+    front = sorted((p for p in points if not any(q[1] >= p[1] and q[2] >= p[2] and q[1:] != p[1:] for q in points)),
+                   key=lambda p: p[1])
+    ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:red", lw=1, zorder=1, label="Pareto front")
+    for label, x, y in points:
+        ax.scatter([x], [y], s=18, zorder=2)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(title=title, xlabel=x_label, ylabel=y_label, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return rendered(fig)

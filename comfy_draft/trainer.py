@@ -25,6 +25,7 @@ import torch
 
 from . import distributed, memory
 from .lora import atomic_write, digest
+from .rewards.robust import seeded
 from .sampling import check_grad_steps, denoise_renoised, sample_ddim
 
 VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")
@@ -197,7 +198,8 @@ class Trainer:
         out = {}
 
         def fn(model, x, sigmas):
-            with self.autocast():
+            # EOT rewards draw this micro-batch's transformations from its seed (rewards.robust)
+            with self.autocast(), seeded(self.reward, g.initial_seed()):
                 x0s, calls = differentiable_samples(model, x, sigmas, c, g)
                 images = [self.backend.decode(self.for_reward(x0), c.checkpointing) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)

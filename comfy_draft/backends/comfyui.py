@@ -375,3 +375,72 @@ class TrainingBackend(SamplingBackend):
             with torch.autocast(self.device.type, enabled=False):
                 return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
         return ((checkpointed(decode, x0, enabled=checkpoint) + 1) / 2).clamp(0, 1)
+
+
+# ----- annealed importance guidance (guidance.py) over two MODELs ----------------------------------------------------
+
+def own_weights(model, other):
+    """`model`, or when it shares its UNet module with `other` (a LoraLoader output and its input do: ComfyUI merges
+    a LoRA into the shared weights in place, so two clones of one model cannot be loaded at once) a clone with
+    weights of its own and the same patches (`trainable_copy`: reloaded from its file, or copied in memory)."""
+    return trainable_copy(model) if model.is_clone(other) else model
+
+
+def run_aig(base_model, lora_model, positive, negative, cfg, sigmas, fn, latent_image, noise, seed=0,
+            denoise_mask=None, callback=None, disable_pbar=True):
+    """`fn(base, lora, x, sigmas, callback) -> latent` with both CFG-guided x0 predictors at hand: the base MODEL's
+    guider runs outside, the LoRA MODEL's (`own_weights`) inside it, each with the same conds, latent and noise, so
+    each predictor is exactly what ComfyUI's sampling of that MODEL alone would call. Returns the outer guider's
+    latent (ComfyUI's output processing)."""
+    check_model(lora_model)
+    lora_model = own_weights(lora_model, base_model)
+
+    def outer(base, x, s, cb):
+        result = {}
+
+        def inner(lora, _x, _s, _cb):
+            result["x0"] = fn(base, lora, x, s, cb)
+            return result["x0"]
+        run_guided(lora_model, positive, negative, cfg, sigmas, inner, latent_image, noise, seed, denoise_mask)
+        return result["x0"]
+    return run_guided(base_model, positive, negative, cfg, sigmas, outer, latent_image, noise, seed, denoise_mask,
+                      callback, disable_pbar)
+
+
+def sample_aig(base_model, lora_model, positive, negative, latent, seed, steps, cfg, schedule, p=1.0, f=0.5,
+               callback=None, disable_pbar=True):
+    """DDIM as `sample`, with the base and LoRA MODELs mixed by an AIG schedule (`guidance`)."""
+    from ..guidance import aig_weights
+    from ..guidance import sample_aig as aig
+
+    check_model(base_model)
+    sigmas = ddim_sigmas(base_model, steps)
+    weights = aig_weights(len(sigmas) - 1, schedule, p, f)
+    latent_image = prepare_latent(base_model, latent)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    with torch.no_grad():
+        return run_aig(base_model, lora_model, positive, negative, cfg, sigmas,
+                       lambda b, m, x, s, cb: aig(b, m, x, s, weights, callback=cb), latent_image, noise, seed,
+                       latent.get("noise_mask"), callback, disable_pbar)
+
+
+class AIGSamplingBackend(SamplingBackend):
+    """A `SamplingBackend` whose samples mix `model` (the base) and `lora_model` by an AIG schedule: its `run`
+    hands `fn` the mixed x0 predictor (`guidance.Mixed`), so held-out samples and sweeps use it unchanged."""
+
+    def __init__(self, model, lora_model, clip, vae, schedule="power_p", p=1.0, f=0.5):
+        super().__init__(model, clip, vae)
+        check_model(lora_model)
+        self.lora_model = own_weights(lora_model, model)  # once, not per batch
+        self.schedule, self.p, self.f = schedule, p, f
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
+        from ..guidance import Mixed, aig_weights
+
+        sigmas = ddim_sigmas(self.model, steps)
+        weights = aig_weights(len(sigmas) - 1, self.schedule, self.p, self.f)
+        height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
+        positive = with_size(self.encode(prompts), height, width)
+        negative = with_size(self.encode([negative_prompt] * len(prompts)), height, width)
+        return run_aig(self.model, self.lora_model, positive, negative, cfg, sigmas,
+                       lambda b, m, x, s, cb: fn(Mixed(b, m, s, weights), x, s), torch.zeros(noise.shape), noise)

@@ -4,7 +4,7 @@ import os
 from .base import Reward, WeightedSum, frozen  # noqa: F401
 from .builtin import BUILTIN_REWARDS, builtin_reward  # noqa: F401
 
-FAMILIES = ("aesthetic", "hpsv2", "pickscore", "clip_similarity", "imagenet_classifier")
+FAMILIES = ("aesthetic", "hpsv2", "pickscore", "clip_similarity", "imagenet_classifier", "imagereward")
 
 
 def hf_folder(path):
@@ -20,11 +20,15 @@ def load_reward(family, path, clip_path=None, text="", maximize=True, allow_unsa
 
     aesthetic: `path` = the LAION MLP `.pth`, `clip_path` = its CLIP ViT-L/14 tower;
     clip_similarity: `text` = the target text; imagenet_classifier: `text` = class names or indices
-    (comma separated), `maximize` False to push images away from them.
+    (comma separated), `maximize` False to push images away from them; imagereward: `path` = ImageReward.pt with
+    med_config.json beside it, `clip_path` = BERT's vocab.txt (default: beside it too).
     """
     if family == "imagenet_classifier":
         from .imagenet import load_imagenet_classifier
         return load_imagenet_classifier(path, text, maximize, allow_unsafe_pickle)
+    if family == "imagereward":
+        from .imagereward import load_imagereward
+        return load_imagereward(path, vocab=clip_path, allow_unsafe_pickle=allow_unsafe_pickle)
     from . import clip
     if family == "aesthetic":
         if not clip_path:
