@@ -107,6 +107,13 @@ class TrainConfig:
             raise ValueError(f"clip_range and adv_clip_max must be > 0, got {self.clip_range} and {self.adv_clip_max}")
 
 
+def check_reward(reward, config):
+    """Raise unless the variant can train on `reward`: the DRaFT family backpropagates its gradient."""
+    if config.variant in DRAFT_VARIANTS and not getattr(reward, "differentiable", True):
+        raise ValueError(f"the reward {reward.name!r} has no gradient, which {config.variant} backpropagates; "
+                         f"train it with {', '.join(policy.VARIANTS)} (no reward gradient needed)")
+
+
 class NonFiniteError(FloatingPointError):
     pass
 
@@ -199,9 +206,7 @@ class Trainer:
 
     def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
         config.validate()
-        if config.variant in DRAFT_VARIANTS and not getattr(reward, "differentiable", True):
-            raise ValueError(f"the reward {reward.name!r} has no gradient, which {config.variant} backpropagates; "
-                             f"train it with {', '.join(policy.VARIANTS)} (no reward gradient needed)")
+        check_reward(reward, config)
         self.backend, self.reward, self.config = backend, reward, config
         self.validator = validator
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
