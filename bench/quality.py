@@ -191,22 +191,25 @@ def plots(runs, table, args, results):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=240)
+    p.add_argument("--queries", type=int, default=128)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
     p.add_argument("--prompt-digit", type=int, default=3)
     p.add_argument("--target", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--sampling-steps", type=int, default=10)
+    p.add_argument("--sampling-steps", type=int, default=8)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--hit-cfg", type=float, default=0.5, help="cfg of the table without gradient")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run")
-    p.add_argument("--eval-seeds", type=int, default=32, help="(the table without gradient: a quarter per prompt)")
+    p.add_argument("--eval-seeds", type=int, default=16, help="(the table without gradient: a quarter per prompt)")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    p.add_argument("--merge", type=pathlib.Path, nargs="+",
+                   help="instead of training: report the runs of these result folders together (runs split over "
+                        "processes with --methods)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     judge = digits.load_classifier("judge_classifier")
@@ -214,9 +217,17 @@ def main():
     for table in args.tables:
         spec = TABLES[table]
         methods = [m for m in args.methods if m in spec["methods"]]
-        runs = [run_method(table, name, METHODS[name], seed, args, judge) for name in methods for seed in args.seeds]
+        if args.merge:
+            runs = [r for folder in args.merge if (folder / f"{spec['file']}.json").exists()
+                    for r in json.loads((folder / f"{spec['file']}.json").read_text())["runs"]]
+            runs = [r for m in methods for r in runs if r["method"] == m]
+        else:
+            runs = [run_method(table, name, METHODS[name], seed, args, judge) for name in methods for seed in args.seeds]
         (args.out / f"{spec['file']}.json").write_text(json.dumps(
-            {"args": {**vars(args), "out": str(args.out)}, "runs": runs}, indent=1))
+            {"args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()
+                      if k != "merge"}, "runs": runs}, indent=1))
+        if not runs:
+            continue
         text = report(runs, table, args)
         (args.out / f"{spec['file']}.md").write_text(text)
         plots(runs, table, args, args.out)
