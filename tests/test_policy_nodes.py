@@ -87,3 +87,53 @@ def test_pgraft_sampler_runs_the_lora_above_t_and_the_base_model_below(comfyui, 
         with_lora = backend.sample(lora_model, positive, negative, latent, 1, 5, 5.0)
         plain = backend.sample(base, positive, negative, latent, 1, 5, 5.0)
     assert (switched - with_lora).abs().max() > 1e-4 and (switched - plain).abs().max() > 1e-4
+
+
+def test_pgraft_example_workflow_with_hook_keyframes_samples_as_the_pgraft_sampler(comfyui, tiny_sd15):
+    """The example's ordinary KSampler with a LoRA hook dropping to 0 at the file's start_percent gives the DRaFT
+    P-GRAFT Sampler's latent (LoRA above t, base below), which differs from the LoRA's and the base model's."""
+    import json
+    import pathlib
+
+    import comfy.sd
+    from safetensors.torch import load_file
+    from ui_workflows import REPO, ui_to_api
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    from comfy_draft.policy import comfy_start_percent
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "draft"
+    loras.save(folder / "pgraft_example.safetensors", {"comfy_draft_variant": "pgraft",
+                                                        "comfy_draft_pgraft_fraction": "0.6"}, overwrite=True)
+
+    def latent(prompt, node, name):
+        prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": name}}
+        (saved,) = comfyui.run(prompt)["outputs"]["99"]["latents"]
+        return load_file(comfyui.output_path(saved))["latent_tensor"]
+
+    def workflow(start_percent):
+        prompt = ui_to_api(json.loads((REPO / "workflows" / "pgraft_lora_above_t.json").read_text()),
+                           comfyui.nodes.NODE_CLASS_MAPPINGS)
+        prompt["1"]["inputs"]["ckpt_name"] = tiny_sd15
+        prompt["2"]["inputs"]["lora_name"] = "draft/pgraft_example.safetensors"
+        prompt["12"]["inputs"]["start_percent"] = start_percent
+        prompt["7"]["inputs"].update(width=64, height=64)
+        prompt["8"]["inputs"]["steps"] = 5
+        return prompt
+
+    hooked = latent(workflow(comfy_start_percent(0.6, 5)), "8", "hooked")
+    full = latent(workflow(1.0), "8", "full")  # the LoRA at every step
+    prompt = workflow(0.0)
+    prompt["20"] = {"class_type": "DRaFTPGRAFTSampler", "inputs": {
+        "model": ["1", 0], "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0], "seed": 1,
+        "steps": 5, "cfg": 7.5, "lora_name": "draft/pgraft_example.safetensors", "strength": 1.0,
+        "lora_fraction": 0.0}}
+    switched = latent(prompt, "20", "switched")
+    torch.testing.assert_close(hooked, switched, rtol=1e-3, atol=1e-3)
+    assert (full - switched).abs().max() > 1e-2
