@@ -86,7 +86,8 @@ class DRaFTPGRAFTSampler:
         lora_model = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]  # a patched clone
         callback = latent_preview.prepare_callback(model, steps)
         samples = backend.sample_switched(lora_model, model, positive, negative, latent_image, seed, steps, cfg,
-                                          fraction, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                                          fraction, callback=callback,
+                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
         out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
                                     dtype=comfy.model_management.intermediate_dtype())

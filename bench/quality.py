@@ -56,8 +56,9 @@ def schedule(overrides, args):
     """(batch size, optimizer steps, reward queries per step) for a method at the budget: one round of GRAFT
     scores N samples for each of batch / N prompts and serves `inner_epochs` steps; DRaFT-LV scores n per sample."""
     variant, epochs = overrides["variant"], overrides.get("inner_epochs", 1)
-    batch = max(1, args.batch_size // overrides["samples_per_prompt"]) if variant in ("graft", "pgraft") else args.batch_size
-    per_round = batch * overrides.get("samples_per_prompt", 1) if variant in ("graft", "pgraft") else batch
+    graft = variant in ("graft", "pgraft")
+    batch = max(1, args.batch_size // overrides["samples_per_prompt"]) if graft else args.batch_size
+    per_round = batch * overrides.get("samples_per_prompt", 1) if graft else batch
     per_round *= overrides.get("lv_samples", 1) if variant == "draft-lv" else 1
     rounds = max(1, args.queries // per_round)
     return batch, rounds * epochs, per_round / epochs
@@ -175,18 +176,21 @@ def plots(runs, table, args, results):
               for name in spec["methods"] if any(r["method"] == name for r in runs)}
     title = "held-out reward vs reward queries (mean over seeds)" + ("" if table == "differentiable" else
                                                                      ", reward without gradient")
-    Image.fromarray(line_chart(curves, title, "queries", 900, 480)).save(results / f"{spec['file']}_reward_vs_queries.png")
+    Image.fromarray(line_chart(curves, title, "queries", 900, 480)).save(
+        results / f"{spec['file']}_reward_vs_queries.png")
     if table != "differentiable":
         return
     ks = [("DRaFT-1", 1), ("DRaFT-K (K=2)", 2), ("DRaFT-K (K=5)", 5), ("DRaFT (full)", args.sampling_steps)]
     if all(any(r["method"] == n for r in runs) for n, _ in ks):
-        norms = {"mean gradient norm": ([k for _, k in ks],
-                                        [float(np.mean([r["grad_norm"] for r in runs if r["method"] == n])) for n, _ in ks])}
-        Image.fromarray(line_chart(norms, "gradient norm (before clipping) vs K", "K")).save(results / "quality_grad_norm_vs_k.png")
+        norms = {"mean gradient norm": ([k for _, k in ks], [float(np.mean([r["grad_norm"] for r in runs
+                                                                             if r["method"] == n])) for n, _ in ks])}
+        Image.fromarray(line_chart(norms, "gradient norm (before clipping) vs K", "K")).save(
+            results / "quality_grad_norm_vs_k.png")
     strengths = next((r["strengths"] for r in runs if "strengths" in r), None)
     if strengths:
         Image.fromarray(line_chart({"held-out reward": (list(strengths), [v["reward"] for v in strengths.values()])},
-                                   "reward vs LoRA strength (DRaFT-LV)", "strength")).save(results / "quality_lora_strength.png")
+                                   "reward vs LoRA strength (DRaFT-LV)", "strength")).save(
+            results / "quality_lora_strength.png")
 
 
 def main():
@@ -222,7 +226,8 @@ def main():
                     for r in json.loads((folder / f"{spec['file']}.json").read_text())["runs"]]
             runs = [r for m in methods for r in runs if r["method"] == m]
         else:
-            runs = [run_method(table, name, METHODS[name], seed, args, judge) for name in methods for seed in args.seeds]
+            runs = [run_method(table, name, METHODS[name], seed, args, judge)
+                    for name in methods for seed in args.seeds]
         (args.out / f"{spec['file']}.json").write_text(json.dumps(
             {"args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()
                       if k != "merge"}, "runs": runs}, indent=1))

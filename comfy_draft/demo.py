@@ -22,7 +22,8 @@ from .validation import held_out_images
 def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None, sampler=sample_ddim):
     """Samples (no gradient) for every prompt x seed; with `strength`, the LoRA's strength; `sampler`: see
     `validation.held_out_images`."""
-    scaled = backend.loras.scaled(strength) if backend.loras is not None and strength is not None else contextlib.nullcontext()
+    with_lora = backend.loras is not None and strength is not None
+    scaled = backend.loras.scaled(strength) if with_lora else contextlib.nullcontext()
     with scaled:
         return held_out_images(backend, prompts, seeds, "", cfg, steps, digits.SIZE, digits.SIZE, sampler)
 

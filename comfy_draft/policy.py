@@ -94,7 +94,8 @@ class StatTracker:
         return advantages
 
     def state_dict(self):
-        return {"buffer": self.buffer, "min_count": self.min_count, "stats": {k: list(v) for k, v in self.stats.items()}}
+        return {"buffer": self.buffer, "min_count": self.min_count,
+                "stats": {k: list(v) for k, v in self.stats.items()}}
 
     def load_state_dict(self, state):
         self.buffer, self.min_count, self.stats = state["buffer"], state["min_count"], dict(state["stats"])

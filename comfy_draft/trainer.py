@@ -382,7 +382,8 @@ class Trainer:
         if c.variant == "pgraft":  # inference: LoRA from T down to t, base model below (policy.sample_switched)
             k = policy.lora_steps(c.pgraft_fraction, c.sampling_steps)
             meta["comfy_draft_pgraft_fraction"] = str(k / c.sampling_steps)
-            meta["comfy_draft_pgraft_start_percent"] = f"{policy.comfy_start_percent(c.pgraft_fraction, c.sampling_steps):.4f}"
+            percent = policy.comfy_start_percent(c.pgraft_fraction, c.sampling_steps)
+            meta["comfy_draft_pgraft_start_percent"] = f"{percent:.4f}"
         return meta
 
     def save_lora(self, path, overwrite=False):

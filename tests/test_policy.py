@@ -146,7 +146,8 @@ def test_top_k_per_group_is_exactly_the_k_best_of_each_group():
 
 def test_graft_round_trains_on_exactly_the_top_k_samples_of_each_prompt(tmp_path):
     trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
-                      config(variant="graft", samples_per_prompt=3, accepted_per_prompt=2, batch_size=2, sampling_steps=3))
+                      config(variant="graft", samples_per_prompt=3, accepted_per_prompt=2, batch_size=2,
+                             sampling_steps=3))
     metrics, images = trainer.train_step()
     round_ = trainer.rounds[0]
     scores = round_["rewards"].view(2, 3)

@@ -83,7 +83,7 @@ def test_pgraft_sampler_runs_the_lora_above_t_and_the_base_model_below(comfyui, 
         assert [name for name, _ in calls] == ["lora"] * 3 + ["base"] * 2  # cond and uncond batched: one call a step
         assert all(sigma > sigma_t for name, sigma in calls if name == "lora")
         assert all(sigma <= sigma_t * (1 + 1e-6) for name, sigma in calls if name == "base")
-        assert not lora_model.model_options is model.model_options  # the node's input is left as it was
+        assert lora_model.model_options is not model.model_options  # the node's input is left as it was
         with_lora = backend.sample(lora_model, positive, negative, latent, 1, 5, 5.0)
         plain = backend.sample(base, positive, negative, latent, 1, 5, 5.0)
     assert (switched - with_lora).abs().max() > 1e-4 and (switched - plain).abs().max() > 1e-4

@@ -246,8 +246,8 @@ def pgraft_lora_above_t():
     return prompt, positions, titles
 
 
-EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength, "score_images.json": score_images,
-            "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep,
+EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength,
+            "score_images.json": score_images, "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep,
             "pgraft_lora_above_t.json": pgraft_lora_above_t}
 
 

@@ -6,9 +6,10 @@ class Reward(torch.nn.Module):
     """A frozen, differentiable image reward. Subclasses implement `score(images, prompts)`.
 
     Gradients flow to the images only. A reward without a usable gradient (JPEG size, a 0/1 detector, any
-    external scorer) sets `differentiable = False`: DRaFT refuses it, DDPO, GRAFT and P-GRAFT only need scores. Weights must be created outside `torch.inference_mode`
-    (loaders use `frozen()`), so that training can differentiate through them even when the reward
-    was loaded inside ComfyUI, which runs every node in inference mode.
+    external scorer) sets `differentiable = False`: DRaFT refuses it, DDPO, GRAFT and P-GRAFT only need scores.
+    Weights must be created outside `torch.inference_mode` (loaders use `frozen()`), so that training can
+    differentiate through them even when the reward was loaded inside ComfyUI, which runs every node in inference
+    mode.
     """
 
     name = "reward"
