@@ -291,3 +291,19 @@ def test_cli_trains_pgraft_on_a_reward_without_gradient_and_refuses_it_for_draft
     assert metadata["comfy_draft_variant"] == "pgraft" and metadata["comfy_draft_pgraft_fraction"] == "0.75"
     refused = run_cli(*common, "--variant", "draft-lv", "--steps", "1", "--overwrite", check=False)
     assert refused.returncode and "has no gradient" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_pgraft_validation_samples_as_pgraft_infers_and_keeps_the_best(tmp_path):
+    from comfy_draft.validation import ValidationConfig, Validator
+
+    backend = tiny_pixel_backend(tmp_path)
+    validator = Validator(ValidationConfig(prompts=["a yellow star"], seeds=[1, 2], every=1))
+    trainer = Trainer(backend, rewards.builtin_reward("brightness"),
+                      config(variant="pgraft", samples_per_prompt=2, steps=1), validator=validator)
+    sigma_t = float(backend.denoiser.ddim_sigmas(4)[policy.lora_steps(0.5, 4)])
+    log = CallLog(backend, trainer.loras)
+    trainer.train()
+    assert [m["step"] for m in validator.history] == [0, 1] and "val_reward" in trainer.history[-1]
+    assert all(float(s.min()) > sigma_t for s, on, _ in log.calls if on)
+    assert sum(1 for s, on, grad in log.calls if not on and not grad) == 2 + 2 * 2  # round, then two validations
+    assert trainer.kept_step in (0, 1)
