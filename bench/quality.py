@@ -3,8 +3,9 @@
 Every method gets the same number of reward queries (images scored). Table 1 (differentiable reward,
 adversarial): prompts ask for one digit, the reward is a classifier's log-probability of another; the DRaFT
 family, ReFL and AlignProp against DDPO (reinforcement learning), GRAFT and P-GRAFT (rejection sampling, P-GRAFT
-at two intermediate steps t). Table 2 (a reward without gradient): 1 if the reward classifier's argmax is the
-prompted digit, else 0, at a low guidance scale where the base model often misses; DDPO, GRAFT and P-GRAFT only.
+at two intermediate steps t). Tables 2 and 3 (rewards without gradient; DDPO, GRAFT and P-GRAFT only): 1 if the
+reward classifier's argmax is the prompted digit, else 0, at a low guidance scale where the base model often
+misses; and minus the JPEG size of the sample (DDPO's compressibility).
 Reports held-out reward (unseen prompt wording, unseen seeds) against reward queries, the queries each method
 needs to reach fixed held-out reward thresholds (and their ratio to DRaFT-LV's), the judge classifier's
 reading, gradient norms as K grows, reward against LoRA strength, and wall time. Writes quality.{json,md} and PNG
@@ -49,6 +50,7 @@ TABLES = {
     "differentiable": dict(methods=list(METHODS), file="quality", thresholds=(-15.0, -10.0, -5.0, -2.0)),
     "nondifferentiable": dict(methods=list(NO_GRADIENT_METHODS), file="quality_no_gradient",
                               thresholds=(0.7, 0.8, 0.9)),
+    "jpeg": dict(methods=list(NO_GRADIENT_METHODS), file="quality_jpeg", thresholds=(-0.83, -0.82, -0.80)),
 }
 
 
@@ -70,9 +72,13 @@ def task(table, args):
         reward = digits.DigitReward(digits.load_classifier("reward_classifier"), args.target)
         return ([f"a {args.prompt_digit}"], [f"the digit {digits.WORDS[args.prompt_digit]}"],
                 range(10_000, 10_000 + args.eval_seeds), reward, args.target, args.cfg)
-    reward = digits.DigitHit(digits.load_classifier("reward_classifier"))
+    if table == "jpeg":
+        from comfy_draft.rewards import builtin_reward
+        reward, cfg = builtin_reward("jpeg_compressibility"), args.cfg
+    else:
+        reward, cfg = digits.DigitHit(digits.load_classifier("reward_classifier")), args.hit_cfg
     return ([f"a {d}" for d in range(10)], [f"the digit {w}" for w in digits.WORDS],
-            range(10_000, 10_000 + max(1, args.eval_seeds // 4)), reward, None, args.hit_cfg)
+            range(10_000, 10_000 + max(1, args.eval_seeds // 4)), reward, None, cfg)
 
 
 def run_method(table, name, overrides, seed, args, judge):
@@ -133,6 +139,10 @@ def report(runs, table, args):
     if table == "differentiable":
         head = (f"Adversarial digits: prompt \"a {args.prompt_digit}\", reward log p({args.target}) from the reward "
                 f"classifier (differentiable)")
+    elif table == "jpeg":
+        head = ("Compressibility without gradient: prompts \"a 0\" .. \"a 9\", reward minus the JPEG size in kB "
+                "(Pillow, quality 95; no gradient); held-out: \"the digit zero\" .. \"nine\"; the judge reads the "
+                "prompted digit (do the digits stay legible?)")
     else:
         head = ("Prompt alignment without gradient: prompts \"a 0\" .. \"a 9\", reward 1 if the reward classifier's "
                 f"argmax is the prompted digit, else 0 (no gradient); held-out: \"the digit zero\" .. \"nine\"")
@@ -174,8 +184,9 @@ def plots(runs, table, args, results):
     spec = TABLES[table]
     curves = {name: mean_curve([r for r in runs if r["method"] == name])
               for name in spec["methods"] if any(r["method"] == name for r in runs)}
-    title = "held-out reward vs reward queries (mean over seeds)" + ("" if table == "differentiable" else
-                                                                     ", reward without gradient")
+    title = "held-out reward vs reward queries (mean over seeds)" + {
+        "differentiable": "", "nondifferentiable": ", argmax digit (no gradient)",
+        "jpeg": ", JPEG size (no gradient)"}[table]
     Image.fromarray(line_chart(curves, title, "queries", 900, 480)).save(
         results / f"{spec['file']}_reward_vs_queries.png")
     if table != "differentiable":
