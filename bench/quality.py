@@ -47,7 +47,7 @@ METHODS = {  # name -> TrainConfig overrides
     **NO_GRADIENT_METHODS,
 }
 TABLES = {
-    "differentiable": dict(methods=list(METHODS), file="quality", thresholds=(-15.0, -10.0, -5.0, -2.0)),
+    "differentiable": dict(methods=list(METHODS), file="quality", thresholds=(-20.5, -15.0, -10.0, -5.0, -2.0)),
     "nondifferentiable": dict(methods=list(NO_GRADIENT_METHODS), file="quality_no_gradient",
                               thresholds=(0.7, 0.8, 0.9)),
     "jpeg": dict(methods=list(NO_GRADIENT_METHODS), file="quality_jpeg", thresholds=(-0.83, -0.82, -0.80)),
@@ -176,7 +176,7 @@ def report(runs, table, args):
     strengths = next((r["strengths"] for r in runs if "strengths" in r), None)
     if strengths:
         lines += ["", "LoRA strength (DRaFT-LV, first seed): " + ", ".join(
-            f"{s:g}: reward {v['reward']:+.3f}, judge {v['judge_accuracy']:.0%}" for s, v in strengths.items())]
+            f"{float(s):g}: reward {v['reward']:+.3f}, judge {v['judge_accuracy']:.0%}" for s, v in strengths.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +199,8 @@ def plots(runs, table, args, results):
             results / "quality_grad_norm_vs_k.png")
     strengths = next((r["strengths"] for r in runs if "strengths" in r), None)
     if strengths:
-        Image.fromarray(line_chart({"held-out reward": (list(strengths), [v["reward"] for v in strengths.values()])},
+        Image.fromarray(line_chart({"held-out reward": ([float(s) for s in strengths],
+                                                        [v["reward"] for v in strengths.values()])},
                                    "reward vs LoRA strength (DRaFT-LV)", "strength")).save(
             results / "quality_lora_strength.png")
 
