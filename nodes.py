@@ -14,7 +14,7 @@ from .comfy_draft import memory, rewards
 from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import load_kohya_file
 from .comfy_draft.plotting import curve_image, image_grid
-from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer
+from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer, check_reward
 from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, held_out_images,
                                      strength_sweep, sweep_table)
 
@@ -52,6 +52,45 @@ class DRaFTDDIMSampler:
         callback = latent_preview.prepare_callback(model, steps)
         samples = backend.sample(model, positive, negative, latent_image, seed, steps, cfg,
                                  callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
+        out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
+                                    dtype=comfy.model_management.intermediate_dtype())
+        return (out,)
+
+
+class DRaFTPGRAFTSampler:
+    """P-GRAFT's inference: the LoRA runs the chain from T down to its intermediate step t, the base model finishes."""
+
+    DESCRIPTION = ("Samples with a P-GRAFT LoRA as it was trained: DDIM (eta 0, 'ddim_uniform') with the LoRA on for "
+                   "the first part of the steps (down to the intermediate step t recorded in the LoRA file) and the "
+                   "base model for the rest. lora_fraction overrides t (the fraction of the steps with the LoRA).")
+    CATEGORY = "DRaFT"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = DRaFTDDIMSampler.INPUT_TYPES()
+        inputs["required"].update({
+            "lora_name": (folder_paths.get_filename_list("loras"),),
+            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01}),
+            "lora_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Fraction of the steps (from the first) with the LoRA on; 0: the "
+                                                   "t the LoRA was trained for (its metadata)."}),
+        })
+        return inputs
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, lora_name, strength, lora_fraction):
+        lora, metadata = load_kohya_file(folder_paths.get_full_path_or_raise("loras", lora_name))
+        fraction = lora_fraction or float(metadata.get("comfy_draft_pgraft_fraction", 0))
+        if not 0 < fraction < 1:
+            raise ValueError(f"{lora_name} records no P-GRAFT step t (it was not trained with pgraft): set "
+                             f"lora_fraction to the fraction of the steps the LoRA should run")
+        lora_model = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]  # a patched clone
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = backend.sample_switched(lora_model, model, positive, negative, latent_image, seed, steps, cfg,
+                                          fraction, callback=callback,
+                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
         out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
                                     dtype=comfy.model_management.intermediate_dtype())
@@ -299,6 +338,30 @@ def register_chart_history_route():
 register_chart_history_route()
 
 
+def policy_inputs(d):
+    """The inputs of the variants that need no reward gradient (ddpo, graft, pgraft), named by the variant they
+    belong to; the DRaFT variants ignore them."""
+    return {
+        "inner_epochs": ("INT", {"default": d.inner_epochs, "min": 1, "max": 100,
+                                 "tooltip": "ddpo, graft, pgraft: optimizer steps per round of samples (each round's "
+                                            "samples are scored once and trained on this many times)."}),
+        "graft_samples_per_prompt": ("INT", {"default": d.samples_per_prompt, "min": 1, "max": 64,
+                                             "tooltip": "graft, pgraft: N, samples drawn per prompt of the batch."}),
+        "graft_accepted_per_prompt": ("INT", {"default": d.accepted_per_prompt, "min": 1, "max": 64,
+                                              "tooltip": "graft, pgraft: K, the best K of the N are trained on."}),
+        "pgraft_fraction": ("FLOAT", {"default": d.pgraft_fraction, "min": 0.01, "max": 0.99, "step": 0.01,
+                                      "tooltip": "pgraft: the intermediate step t, as the fraction of the sampling "
+                                                 "steps the LoRA runs (T -> t); the base model finishes. Use the "
+                                                 "DRaFT P-GRAFT Sampler (it reads t from the file) to sample."}),
+        "ddpo_timestep_fraction": ("FLOAT", {"default": d.timestep_fraction, "min": 0.01, "max": 1.0, "step": 0.01,
+                                             "tooltip": "ddpo: fraction of the sampling steps trained per round."}),
+        "ddpo_clip_range": ("FLOAT", {"default": d.clip_range, "min": 1e-6, "max": 1.0, "step": 1e-5, "round": 1e-6,
+                                      "tooltip": "ddpo: PPO's ratio clip range."}),
+        "ddpo_adv_clip_max": ("FLOAT", {"default": d.adv_clip_max, "min": 0.1, "max": 100.0, "step": 0.1,
+                                        "tooltip": "ddpo: advantages are clipped to +/- this."}),
+    }
+
+
 def training_option_inputs():
     """The trainer's advanced settings, on the DRaFT Training Options node (their defaults apply without it)."""
     d = TrainConfig(prompts=[""])
@@ -333,7 +396,8 @@ def training_option_inputs():
 
 def training_options(options):
     """The options node's values, or the defaults where no options node is connected."""
-    defaults = {name: spec[1]["default"] for name, spec in training_option_inputs().items()}
+    inputs = {**training_option_inputs(), **policy_inputs(TrainConfig(prompts=[""]))}
+    defaults = {name: spec[1]["default"] for name, spec in inputs.items()}
     return {**defaults, **(options or {})}
 
 
@@ -348,7 +412,7 @@ class DRaFTTrainingOptions:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": training_option_inputs()}
+        return {"required": training_option_inputs(), "optional": policy_inputs(TrainConfig(prompts=[""]))}
 
     def build(self, **options):
         return (options,)
@@ -379,7 +443,9 @@ def save_preview(trainer, lora_path):
 class DRaFTTrainLoRA:
     DESCRIPTION = ("Trains a LoRA on the UNet with DRaFT so that sampled images score higher on the reward. Saves it "
                    "into the loras folder (LoraLoader lists it) and returns the model with the LoRA applied. "
-                   "Advanced settings: connect a DRaFT Training Options node.")
+                   "The variants ddpo (reinforcement learning), graft and pgraft (rejection sampling) need no reward gradient: "
+                   "they train on any reward, e.g. JPEG size. Advanced and per-variant settings: connect a DRaFT "
+                   "Training Options node.")
     CATEGORY = "DRaFT"
     FUNCTION = "train"
     RETURN_TYPES = ("MODEL", "STRING", "IMAGE", "FLOAT")
@@ -434,7 +500,8 @@ class DRaFTTrainLoRA:
                          "options": ("DRAFT_OPTIONS", {"tooltip": "Advanced settings (DRaFT Training Options node): "
                                                                   "precision, accumulation, checkpointing, k, "
                                                                   "lv_samples, kl_coef, reward_resolution, "
-                                                                  "save_every."})},
+                                                                  "save_every and the ddpo / graft / pgraft "
+                                                                  "settings."})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -456,7 +523,12 @@ class DRaFTTrainLoRA:
             lv_samples=o["lv_samples"], steps=training_steps, sampling_steps=sampling_steps, cfg=cfg, width=width,
             height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed, save_every=save_every,
             kl_coef=o["kl_coef"], reward_resolution=o["reward_resolution"], precision=o["precision"],
-            accumulation=o["accumulation"], checkpointing=o["checkpointing"])
+            accumulation=o["accumulation"], checkpointing=o["checkpointing"], inner_epochs=o["inner_epochs"],
+            samples_per_prompt=o["graft_samples_per_prompt"], accepted_per_prompt=o["graft_accepted_per_prompt"],
+            pgraft_fraction=o["pgraft_fraction"], timestep_fraction=o["ddpo_timestep_fraction"],
+            clip_range=o["ddpo_clip_range"], adv_clip_max=o["ddpo_adv_clip_max"])
+        config.validate()
+        check_reward(reward, config)  # before copying the model
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
@@ -498,6 +570,9 @@ class DRaFTTrainLoRA:
             curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
         text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
                 f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
+        if variant == "pgraft":
+            text += ("\nP-GRAFT: the model output has the LoRA at every step; sample as trained (LoRA above t, base "
+                     "model below) with the DRaFT P-GRAFT Sampler or hook keyframes (workflows/pgraft_lora_above_t.json)")
         if validator is not None:
             first, kept = validator.history[0], next(m for m in validator.history if m["step"] == trainer.kept_step)
             text += "\nheld-out: " + ", ".join(f"{k[4:]} {first[k]:.4g} -> {kept[k]:.4g}" for k in first if k.startswith("val_"))
@@ -537,6 +612,7 @@ class DRaFTTrainLoRA:
 
 NODE_CLASS_MAPPINGS = {
     "DRaFTDDIMSampler": DRaFTDDIMSampler,
+    "DRaFTPGRAFTSampler": DRaFTPGRAFTSampler,
     "DRaFTRewardLoader": DRaFTRewardLoader,
     "DRaFTBuiltinReward": DRaFTBuiltinReward,
     "DRaFTRewardCombine": DRaFTRewardCombine,
@@ -548,6 +624,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DRaFTDDIMSampler": "DRaFT DDIM Sampler",
+    "DRaFTPGRAFTSampler": "DRaFT P-GRAFT Sampler (LoRA above t, base below)",
     "DRaFTRewardLoader": "DRaFT Reward Loader",
     "DRaFTBuiltinReward": "DRaFT Built-in Reward",
     "DRaFTRewardCombine": "DRaFT Combine Rewards",

@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import distributed, loading
-from .trainer import VARIANTS, TrainConfig, Trainer
+from .trainer import VARIANTS, TrainConfig, Trainer, check_reward
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
@@ -68,15 +68,16 @@ def reward_from(family, path=None, extra="", maximize=True):
     """A reward by family: built-in names need nothing; `digit` takes a bundled classifier name and a target
     digit (or 'prompted'); `aesthetic` takes the CLIP tower as `extra`, text-driven families their text."""
     from . import rewards
-    if family not in (*rewards.BUILTIN_REWARDS, *rewards.FAMILIES, "digit"):
+    if family not in (*rewards.BUILTIN_REWARDS, *rewards.FAMILIES, "digit", "digit_hit"):
         raise SystemExit(f"unknown reward {family!r}; choose a built-in reward ({', '.join(rewards.BUILTIN_REWARDS)}), "
-                         f"a family with a file ({', '.join(rewards.FAMILIES)}) or 'digit'")
+                         f"a family with a file ({', '.join(rewards.FAMILIES)}), 'digit' or 'digit_hit'")
     if family in rewards.BUILTIN_REWARDS:
         return rewards.builtin_reward(family)
-    if family == "digit":
+    if family in ("digit", "digit_hit"):
         from . import digits
         target = None if extra in ("", "prompted") else int(extra)
-        return digits.DigitReward(digits.load_classifier(path or "reward_classifier"), target)
+        kind = digits.DigitReward if family == "digit" else digits.DigitHit
+        return kind(digits.load_classifier(path or "reward_classifier"), target)
     if not path:
         raise SystemExit(f"reward {family} needs a file")
     clip = extra if family == "aesthetic" else None
@@ -119,12 +120,13 @@ def add_model_arguments(p):
 def add_reward_arguments(p):
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--reward", required=True, help="a built-in reward (brightness, saturation, contrast, sharpness, "
-                   "compressibility), a family (aesthetic, hpsv2, pickscore, clip_similarity, imagenet_classifier) "
-                   "or 'digit' (the bundled digit classifier)")
+                   "compressibility; jpeg_compressibility, without gradient), a family (aesthetic, hpsv2, pickscore, "
+                   "clip_similarity, imagenet_classifier), 'digit' (the bundled digit classifier's log-probability) "
+                   "or 'digit_hit' (1 if its argmax is the digit, else 0: without gradient)")
     p.add_argument("--reward-file", help="the reward's weights file or folder")
     p.add_argument("--reward-clip", help="aesthetic: the CLIP ViT-L/14 tower")
     p.add_argument("--reward-text", default="", help="clip_similarity: target text; imagenet_classifier: classes; "
-                   "digit: target digit or 'prompted'")
+                   "digit, digit_hit: target digit or 'prompted'")
     p.add_argument("--minimize", action="store_true", help="imagenet_classifier: push away from the classes")
 
 
@@ -139,7 +141,8 @@ def train_parser(sub):
     p.add_argument("--prompts", nargs="+", help="training prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--variant", choices=VARIANTS, default=TRAIN_DEFAULTS.variant, help="DRaFT variant")
+    p.add_argument("--variant", choices=VARIANTS, default=TRAIN_DEFAULTS.variant,
+                   help="DRaFT variant; ddpo, graft and pgraft need no reward gradient")
     p.add_argument("--k", dest="grad_steps", type=int, default=TRAIN_DEFAULTS.grad_steps, help="draft-k: K")
     p.add_argument("--lv-samples", type=int, default=TRAIN_DEFAULTS.lv_samples, help="draft-lv: n")
     for name in ("steps", "sampling_steps", "batch_size", "accumulation", "rank", "seed",
@@ -149,6 +152,19 @@ def train_parser(sub):
     for name in ("cfg", "lr", "weight_decay", "max_grad_norm", "kl_coef"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TRAIN_DEFAULTS, name),
                        help=name.replace("_", " "))
+    d = TRAIN_DEFAULTS
+    for name, kind, help_ in (
+            ("inner_epochs", int, "ddpo, graft, pgraft: optimizer steps per round of samples"),
+            ("samples_per_prompt", int, "graft, pgraft: N samples per prompt of the batch"),
+            ("accepted_per_prompt", int, "graft, pgraft: the best K of the N are trained on"),
+            ("pgraft_fraction", float, "pgraft: fraction of the sampling steps the LoRA runs (T -> t); the base "
+                                       "model finishes"),
+            ("timestep_fraction", float, "ddpo: fraction of the chain's steps trained per round"),
+            ("clip_range", float, "ddpo: PPO ratio clip"),
+            ("adv_clip_max", float, "ddpo: advantages clipped to +/- this"),
+            ("stat_buffer", int, "ddpo: rewards kept per prompt for its advantage statistics"),
+            ("stat_min_count", int, "ddpo: below this many rewards a prompt is normalised by the batch")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=help_)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     p.add_argument("--resnet-loras", action="store_true", help="also adapt ResNet convolutions")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -199,6 +215,10 @@ def train(args):
     rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
     board = tensorboard_writer(args.log_dir) if args.log_dir and rank0 else None
     reward = build_reward(args)  # before the model: a bad reward file fails fast
+    try:
+        check_reward(reward, config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     backend = load_backend(args)
     checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
     log = open(log_path, "a" if args.resume else "w") if rank0 else None

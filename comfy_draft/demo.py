@@ -19,15 +19,18 @@ from PIL import Image
 
 from . import digits
 from .plotting import curve_image, image_grid
+from .sampling import sample_ddim
 from .trainer import TrainConfig, Trainer
 from .validation import held_out_images
 
 
-def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None):
-    """Samples (no gradient) for every prompt x seed; with `strength`, the LoRA's strength."""
-    scaled = backend.loras.scaled(strength) if backend.loras is not None and strength is not None else contextlib.nullcontext()
+def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None, sampler=sample_ddim):
+    """Samples (no gradient) for every prompt x seed; with `strength`, the LoRA's strength; `sampler`: see
+    `validation.held_out_images`."""
+    with_lora = backend.loras is not None and strength is not None
+    scaled = backend.loras.scaled(strength) if with_lora else contextlib.nullcontext()
     with scaled:
-        return held_out_images(backend, prompts, seeds, "", cfg, steps, digits.SIZE, digits.SIZE)
+        return held_out_images(backend, prompts, seeds, "", cfg, steps, digits.SIZE, digits.SIZE, sampler)
 
 
 CONFIDENT = 0.9  # judge top-class probability from which a sample counts as confidently a digit
@@ -38,10 +41,11 @@ CONTROLS = {"plain": (False, False, 0.0), "kl": (False, False, 3.0), "eot": (Tru
 DEFAULT_CONTROL = "eot+ensemble"
 
 
-def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None):
+def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None,
+             sampler=sample_ddim):
     """Mean reward (plain, untransformed), how often the independent judge reads the target digit (or the prompted
     one), and how often it is confident (p >= CONFIDENT) that the sample is a digit."""
-    images = held_out_samples(backend, prompts, seeds, cfg, steps, strength)
+    images = held_out_samples(backend, prompts, seeds, cfg, steps, strength, sampler)
     expanded = [p for p in prompts for _ in seeds]
     with torch.no_grad():
         rewards = reward(images, expanded)

@@ -99,6 +99,24 @@ class DigitReward(Reward):
         return self.classifier.features(images)
 
 
+class DigitHit(DigitReward):
+    """1 if the classifier's most likely digit is the target (or the prompted digit), else 0: a 0/1 "did the
+    detector fire" reward without gradient, for DDPO, GRAFT and P-GRAFT."""
+    differentiable = False
+
+    def __init__(self, classifier, target=None):
+        super().__init__(classifier, target)
+        self.name = f"argmax = {target}" if target is not None else "argmax = prompted digit"
+
+    def score(self, images, prompts):
+        digits = [self.target if self.target is not None else digit_of(p) for p in prompts]
+        if None in digits:
+            raise ValueError(f"{self.name}: every prompt must name a digit")
+        with torch.no_grad():
+            predicted = self.classifier(images.detach()).argmax(-1)
+        return (predicted == torch.tensor(digits, device=predicted.device)).float()
+
+
 def load_classifier(name="reward_classifier"):
     from safetensors.torch import load_file
     with torch.inference_mode(False):

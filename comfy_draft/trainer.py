@@ -12,6 +12,10 @@ Variants (Clark et al. 2024, and the neighbours the paper unifies):
   draft-lv   K = 1 with n re-noised copies of the final latent, rewards summed (lower variance)
   alignprop  K drawn uniformly from 1..T every step
   refl       stop at a random step among the last quarter, one differentiated step, reward on x0_hat
+and, without reward gradients (any reward; `policy`):
+  ddpo       reinforcement learning: PPO on the DDIM (eta = 1) chain's Gaussian steps (Black et al. 2023)
+  graft      rejection sampling: the top K of N samples per prompt, denoising loss on them (Anil et al.)
+  pgraft     GRAFT at an intermediate step t: the LoRA learns the chain above t, the base model finishes
 """
 import contextlib
 import copy
@@ -23,12 +27,13 @@ import time
 
 import torch
 
-from . import distributed, memory
+from . import distributed, memory, policy
 from .lora import atomic_write, digest
 from .rewards.robust import seeded
 from .sampling import check_grad_steps, denoise_renoised, sample_ddim
 
-VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")
+DRAFT_VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")  # differentiate the reward
+VARIANTS = DRAFT_VARIANTS + policy.VARIANTS
 MAX_SKIPPED = 20          # fp16 overflows in a row before training stops (the scale then fell by 2^20)
 ZERO_GRADIENT_STEPS = 3   # steps without any gradient before the trainer warns
 
@@ -59,6 +64,16 @@ class TrainConfig:
     reward_resolution: int = 0   # decode for the reward at this size (latents resized first; 0: full size)
     seed: int = 0
     save_every: int = 0          # training checkpoint every N steps (0: only at the end)
+    # ddpo, graft, pgraft (policy.py): a round of samples serves `inner_epochs` steps (one update each)
+    inner_epochs: int = 1
+    samples_per_prompt: int = 4  # N, graft/pgraft: samples drawn per prompt of the batch
+    accepted_per_prompt: int = 1  # K, graft/pgraft: the top K of them are trained on
+    pgraft_fraction: float = 0.5  # pgraft: fraction of the sampling steps (T -> t) the LoRA runs; base below t
+    timestep_fraction: float = 1.0  # ddpo: fraction of the chain's Gaussian steps trained per round
+    clip_range: float = 1e-4     # ddpo: PPO ratio clip
+    adv_clip_max: float = 5.0    # ddpo: advantages clipped to +/- this
+    stat_buffer: int = 16        # ddpo: rewards kept per prompt for its advantage statistics
+    stat_min_count: int = 16     # ddpo: below this many, a prompt is normalised by the batch statistics
 
     def validate(self):
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
@@ -76,6 +91,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("inner_epochs", "samples_per_prompt", "accepted_per_prompt", "stat_buffer", "stat_min_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.accepted_per_prompt > self.samples_per_prompt:
+            raise ValueError(f"accepted_per_prompt (K = {self.accepted_per_prompt}) must not exceed "
+                             f"samples_per_prompt (N = {self.samples_per_prompt})")
+        if self.variant == "ddpo" and self.sampling_steps < 2:
+            raise ValueError("ddpo needs sampling_steps >= 2 (the last step, to sigma 0, is deterministic)")
+        if self.variant == "pgraft" and (not 0 < self.pgraft_fraction < 1 or self.sampling_steps < 2):
+            raise ValueError(f"pgraft needs 0 < pgraft_fraction < 1 and sampling_steps >= 2, got "
+                             f"{self.pgraft_fraction} and {self.sampling_steps}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.clip_range <= 0 or self.adv_clip_max <= 0:
+            raise ValueError(f"clip_range and adv_clip_max must be > 0, got {self.clip_range} and {self.adv_clip_max}")
+
+
+def check_reward(reward, config):
+    """Raise unless the variant can train on `reward`: the DRaFT family backpropagates its gradient."""
+    if config.variant in DRAFT_VARIANTS and not getattr(reward, "differentiable", True):
+        raise ValueError(f"the reward {reward.name!r} has no gradient, which {config.variant} backpropagates; "
+                         f"train it with {', '.join(policy.VARIANTS)} (no reward gradient needed)")
 
 
 class NonFiniteError(FloatingPointError):
@@ -170,6 +207,7 @@ class Trainer:
 
     def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
         config.validate()
+        check_reward(reward, config)
         self.backend, self.reward, self.config = backend, reward, config
         self.validator = validator
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
@@ -187,12 +225,17 @@ class Trainer:
         self.history = []
         self.warnings = []  # said once each, also to the log
         self.skipped_in_a_row = 0
+        self.rounds = {}  # ddpo/graft/pgraft: micro-batch index -> its current round of samples (policy.py)
+        self.stat_tracker = policy.StatTracker(config.stat_buffer, config.stat_min_count)
         with torch.inference_mode(False):  # frozen: no float32 master copy needed, half the memory in bf16/fp16
             self.reward = cast_copy(reward, backend.device, self.dtype)
 
     # ----- one step -----------------------------------------------------------------------------------
-    def micro_batch(self, g):
+    def micro_batch(self, g, index=0):
+        """Micro-batch `index` of the step: samples, their loss, backward. Returns rewards (n, B), loss, kl, images."""
         c = self.config
+        if c.variant in policy.VARIANTS:  # no reward gradient: the variant's round of samples and its loss
+            return policy.micro_batch(self, g, index)
         prompts = [c.prompts[i] for i in torch.randint(len(c.prompts), (c.batch_size,), generator=g)]
         noise = torch.randn(self.backend.latent_shape(c.batch_size, c.height, c.width), generator=g)
         out = {}
@@ -239,7 +282,7 @@ class Trainer:
         first = distributed.rank() * c.accumulation  # this process's micro-batches of the step
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            outs = [self.micro_batch(step_generator(c.seed, self.step, first + m)) for m in range(c.accumulation)]
+            outs = [self.micro_batch(step_generator(c.seed, self.step, first + m), m) for m in range(c.accumulation)]
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(f"{e}\n\nDRaFT ran out of device memory at step {self.step + 1} (batch "
                                          f"{c.batch_size}, {c.width}x{c.height}); to fit: {memory.ADVICE}") from e
@@ -278,6 +321,10 @@ class Trainer:
         """Warn once when the first steps' gradients are all exactly zero: nothing would ever train."""
         if len(self.history) == min(ZERO_GRADIENT_STEPS, self.config.steps) and \
                 all(m["grad_norm"] == 0 for m in self.history):
+            if self.config.variant == "ddpo":
+                return self.warn(f"DDPO's gradient was exactly zero in the first {len(self.history)} steps: every "
+                                 f"sample of a prompt scored the same, so all advantages were zero (a 0/1 reward "
+                                 f"that never or always fires teaches nothing: make it fire sometimes)")
             self.warn(f"the reward's gradient was exactly zero in the first {len(self.history)} steps, so the LoRA "
                       f"does not change: the decoded images may be saturated (all black or white: check the VAE and "
                       f"cfg) or the reward is not differentiable")
@@ -334,6 +381,11 @@ class Trainer:
             meta["comfy_draft_validation"] = {"config": dataclasses.asdict(self.validator.config), "best": best}
         if self.processes > 1:
             meta["comfy_draft_processes"] = str(self.processes)
+        if c.variant == "pgraft":  # inference: LoRA from T down to t, base model below (policy.sample_switched)
+            k = policy.lora_steps(c.pgraft_fraction, c.sampling_steps)
+            meta["comfy_draft_pgraft_fraction"] = str(k / c.sampling_steps)
+            percent = policy.comfy_start_percent(c.pgraft_fraction, c.sampling_steps)
+            meta["comfy_draft_pgraft_start_percent"] = f"{percent:.4f}"
         return meta
 
     def save_lora(self, path, overwrite=False):
@@ -355,7 +407,8 @@ class Trainer:
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config),
                  "processes": self.processes,
-                 "validator": self.validator.state_dict() if self.validator is not None else None}
+                 "validator": self.validator.state_dict() if self.validator is not None else None,
+                 "rounds": policy.to_cpu(self.rounds), "stat_tracker": self.stat_tracker.state_dict()}
         atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
         return path
 
@@ -387,4 +440,7 @@ class Trainer:
         self.step, self.history = state["step"], list(state["history"])
         if self.validator is not None and state.get("validator"):
             self.validator.load_state_dict(state["validator"])
+        self.rounds = policy.to_device(state.get("rounds", {}), self.backend.device)
+        if "stat_tracker" in state:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
         return self

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from . import distributed
+from . import distributed, policy
 from .rewards.base import Reward
 from .sampling import sample_ddim
 
@@ -42,14 +42,15 @@ class ValidationConfig:
             raise ValueError("a diversity floor needs at least two validation seeds per prompt")
 
 
-def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width, height):
+def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width, height, sampler=sample_ddim):
     """No-gradient DDIM samples for every prompt x seed (prompt-major), as images in [0, 1] on the CPU.
 
-    The start noise of each image depends only on its seed, so any model sees the same noise."""
+    The start noise of each image depends only on its seed, so any model sees the same noise. `sampler(model, x,
+    sigmas)`: how the LoRA samples (P-GRAFT's switch to the base model below t: `policy.sampler_for`)."""
     images = []
 
     def fn(model, x, sigmas):
-        x0 = sample_ddim(model, x, sigmas)
+        x0 = sampler(model, x, sigmas)
         images.append(backend.decode(x0, checkpoint=False).float().cpu())
         return x0
 
@@ -109,7 +110,7 @@ class Validator:
     def evaluate(self, trainer):
         c = trainer.config
         images = held_out_images(trainer.backend, self.config.prompts, self.config.seeds, c.negative_prompt, c.cfg,
-                                 c.sampling_steps, c.width, c.height)
+                                 c.sampling_steps, c.width, c.height, policy.sampler_for(c, trainer.loras))
         with trainer.autocast():  # the reward may be in half precision
             return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.judges,
                                 feature_model_of(self.judges, trainer.reward), trainer.backend.device)

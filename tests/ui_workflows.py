@@ -226,8 +226,37 @@ def anneal_lora_strength():
     return prompt, positions, titles
 
 
-EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength, "score_images.json": score_images,
-            "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep}
+def pgraft_lora_above_t():
+    """P-GRAFT's inference with ComfyUI's own samplers: the LoRA as a hook at strength 1 from the first step and 0
+    from the intermediate step t on, so the base model finishes. The second keyframe's start_percent is the
+    `comfy_draft_pgraft_start_percent` the trainer writes into the LoRA file (here t = half of 50 'ddim_uniform'
+    steps); the DRaFT P-GRAFT Sampler node does the same from the file alone."""
+    from comfy_draft.policy import comfy_start_percent
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CreateHookLoraModelOnly", "inputs": {
+            "lora_name": "draft/pgraft_00001_.safetensors", "strength_model": 1.0}},
+        "3": {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 1.0, "start_percent": 0.0}},
+        "12": {"class_type": "CreateHookKeyframe", "inputs": {
+            "strength_mult": 0.0, "start_percent": round(comfy_start_percent(0.5, 50), 4), "prev_hook_kf": ["3", 0]}},
+        "4": {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["2", 0], "hook_kf": ["12", 0]}},
+        **sampling_nodes(5, ["1", 0], ["1", 1], ["1", 2]),
+        "11": {"class_type": "PairConditioningSetProperties", "inputs": {
+            "positive_NEW": ["5", 0], "negative_NEW": ["6", 0], "strength": 1.0, "set_cond_area": "default",
+            "hooks": ["4", 0]}},
+    }
+    prompt["8"]["inputs"].update(positive=["11", 0], negative=["11", 1])
+    positions = {"1": (20, 60), "2": (20, 260), "3": (20, 400), "12": (20, 520), "4": (400, 300), "5": (400, 60),
+                 "6": (400, 480), "7": (400, 660), "11": (760, 300), "8": (1100, 60), "9": (1460, 60),
+                 "10": (1460, 240)}
+    titles = {"3": "LoRA on from the first step", "12": "base model from t on (the file's start_percent)"}
+    return prompt, positions, titles
+
+
+EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength,
+            "score_images.json": score_images, "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep,
+            "pgraft_lora_above_t.json": pgraft_lora_above_t}
 
 
 def write_examples(classes, folder=REPO / "workflows"):

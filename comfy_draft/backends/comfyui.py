@@ -94,6 +94,33 @@ def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, d
                           latent.get("noise_mask"), callback, disable_pbar)
 
 
+def sample_switched(lora_model, base_model, positive, negative, latent, seed, steps, cfg, fraction, callback=None,
+                    disable_pbar=True):
+    """P-GRAFT's inference: DDIM (eta = 0) with `lora_model` for the first `policy.lora_steps(fraction, T)` steps
+    (T -> t), then `base_model` from t to 0 (as KSamplerAdvanced continues a latent: no noise added). Noise is
+    drawn as KSampler draws it, so fraction -> 0 or 1 approaches plain sampling with either model."""
+    from ..policy import lora_steps
+
+    check_model(base_model)
+    sigmas = ddim_sigmas(base_model, steps)
+    total = len(sigmas) - 1
+    switch = lora_steps(fraction, total)
+    latent_image = prepare_latent(base_model, latent)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    mask = latent.get("noise_mask")
+
+    def ddim(m, x, s, cb):
+        return sample_ddim(m, x, s, callback=cb)
+
+    def later(step, x0, x, _):  # progress and previews count the second part's steps after the first's
+        return callback(step + switch, x0, x, total)
+    with torch.no_grad():
+        x_t = run_guided(lora_model, positive, negative, cfg, sigmas[:switch + 1], ddim, latent_image, noise, seed,
+                         mask, callback, disable_pbar)
+        return run_guided(base_model, positive, negative, cfg, sigmas[switch:], ddim, x_t.to(latent_image),
+                          torch.zeros_like(noise), seed, mask, later if callback else None, disable_pbar)
+
+
 def base_model_version(model):
     """kohya's `ss_base_model_version` for a ComfyUI model (its distilled and variant families included)."""
     config = model.model.model_config

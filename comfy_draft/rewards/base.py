@@ -5,12 +5,15 @@ import torch
 class Reward(torch.nn.Module):
     """A frozen, differentiable image reward. Subclasses implement `score(images, prompts)`.
 
-    Gradients flow to the images only. Weights must be created outside `torch.inference_mode`
-    (loaders use `frozen()`), so that training can differentiate through them even when the reward
-    was loaded inside ComfyUI, which runs every node in inference mode.
+    Gradients flow to the images only. A reward without a usable gradient (JPEG size, a 0/1 detector, any
+    external scorer) sets `differentiable = False`: DRaFT refuses it, DDPO, GRAFT and P-GRAFT only need scores.
+    Weights must be created outside `torch.inference_mode` (loaders use `frozen()`), so that training can
+    differentiate through them even when the reward was loaded inside ComfyUI, which runs every node in inference
+    mode.
     """
 
     name = "reward"
+    differentiable = True  # the score's gradient with respect to the images is meaningful
 
     def forward(self, images, prompts=None):
         if images.ndim != 4 or images.shape[1] != 3:
@@ -47,6 +50,7 @@ class WeightedSum(Reward):
         self.rewards = torch.nn.ModuleList(rewards)
         self.weights = [float(w) for w in weights]
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(rewards, self.weights))
+        self.differentiable = all(r.differentiable for r in rewards)
 
     def score(self, images, prompts):
         return sum(w * r(images, prompts) for r, w in zip(self.rewards, self.weights))

@@ -1,4 +1,8 @@
-"""Rewards that need no files: simple, differentiable image statistics."""
+"""Rewards that need no files: simple, differentiable image statistics, and the true JPEG size (no gradient)."""
+import io
+
+import numpy as np
+import torch
 import torch.nn.functional as F
 
 from .base import Reward
@@ -55,7 +59,27 @@ class Compressibility(Reward):
         return -(dx + dy)
 
 
-BUILTIN_REWARDS = {cls.name: cls for cls in (Brightness, Saturation, Contrast, Sharpness, Compressibility)}
+class JPEGCompressibility(Reward):
+    """Minus the JPEG file size in kilobytes (Pillow, quality 95, as DDPO's compressibility reward): encoded
+    bytes have no gradient, so only DDPO, GRAFT and P-GRAFT can train on it."""
+    name = "jpeg_compressibility"
+    differentiable = False
+    quality = 95
+
+    def score(self, images, prompts):
+        from PIL import Image
+
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        sizes = []
+        for array in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=self.quality)
+            sizes.append(buffer.tell() / 1000)
+        return -torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+BUILTIN_REWARDS = {cls.name: cls for cls in (Brightness, Saturation, Contrast, Sharpness, Compressibility,
+                                             JPEGCompressibility)}
 
 
 def builtin_reward(name):
