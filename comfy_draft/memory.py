@@ -7,7 +7,12 @@ activations  what autograd keeps, counted by a probe: one UNet call, one VAE dec
              batch and area. With checkpointing only one UNet call or decode is expanded at a time during
              backward, but every reward call of the step (n for DRaFT-LV) holds its activations.
 """
+import collections
+
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
 
@@ -43,6 +48,44 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tensor accounting: the peak bytes of live tensor storages allocated while active (forward and backward,
+    recomputation included), a device-independent stand-in for a GPU's max_memory_allocated that also runs on
+    the meta device (shapes only, no storage). Views and in-place results of tensors made before (weights) are
+    not allocations and are not counted. At the peak, `at_peak` splits the bytes by `tag`: the innermost entry
+    of `tags` (pushed by `bench/accounting.tagging` per model) when the storage was made, else `phase`."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage id -> (weak ref, bytes, tag)
+        self.tags = []
+        self.phase = "other"
+        self.total = self.peak = 0
+        self.at_peak = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        tag = self.tags[-1] if self.tags else self.phase
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live and ref.cdata not in inputs:
+                    self.live[ref.cdata] = (ref, storage.nbytes(), tag)
+                    self.total += storage.nbytes()
+        for key in [k for k, v in self.live.items() if v[0].expired()]:
+            self.total -= self.live.pop(key)[1]
+        if self.total > self.peak:
+            self.peak = self.total
+            split = collections.Counter()
+            for _, n, t in self.live.values():
+                split[t] += n
+            self.at_peak = dict(split)
+        return out
 
 
 def estimate(trainer):

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from .. import checkpointing
 from ..sampling import check_grad_steps, checkpointed, sample_ddim
 
 
@@ -145,9 +146,7 @@ class TrainingBackend:
         return backend
 
     def add_loras(self, rank, alpha=None, resnets=False):
-        from torch.nn.utils import parametrize
-
-        from ..lora import LoRASet, is_target, kohya_name, ldm_module_path
+        from ..lora import LoRASet, attach, is_target, kohya_name, ldm_module_path
 
         modules = {n: m for n, m in self.unet.named_modules()
                    if is_target(n, resnets) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
@@ -157,8 +156,7 @@ class TrainingBackend:
         else:
             names = {n: kohya_name(n) for n in modules}
         self.loras = LoRASet({names[n]: m.weight.shape for n, m in modules.items()}, rank, alpha).to(self.device)
-        for n, module in modules.items():
-            parametrize.register_parametrization(module, "weight", self.loras[names[n]])
+        self._lora_hooks = [attach(module, self.loras[names[n]]) for n, module in modules.items()]  # bypass
         return self.loras
 
     def modules(self):
@@ -213,11 +211,12 @@ class TrainingBackend:
         return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
     def decode(self, x0, checkpoint=True):
-        """Images in [0, 1]; the VAE decoder is recomputed in the backward pass when `checkpoint`."""
+        """Images in [0, 1]; with `checkpoint` the VAE decoder's blocks are recomputed in the backward pass."""
         if self.vae is None:  # pixel space; grey images become RGB for the rewards
             images = x0.expand(-1, 3, -1, -1) if x0.shape[1] == 1 else x0
-        else:
-            images = checkpointed(self.vae_decode, x0, enabled=checkpoint)
+        else:  # one image at a time, each decoder block recomputed in backward
+            blocks = checkpointing.blocks(self.vae.decoder, checkpointing.DECODER_BLOCKS) if checkpoint else []
+            images = checkpointing.per_image(self.vae_decode, x0, blocks)
         return ((images + 1) / 2).clamp(0, 1)
 
     def vae_decode(self, latent):
