@@ -326,7 +326,7 @@ class DRaFTTrainLoRA:
                          "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
                                                   "tooltip": "Micro-batches per optimizer step: the batch of "
                                                              "batch_size x accumulation in the memory of batch_size."}),
-                         "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
+                         "checkpointing": ("BOOLEAN", {"default": True,
                                                        "tooltip": "Recompute UNet calls and the VAE decoder "
                                                                   "in the backward pass: much less memory, a "
                                                                   "little slower."})},

@@ -2,12 +2,16 @@
 recomputed there, so a backward pass holds the block boundaries plus one block's activations at a time.
 
 The VAE decoder for the reward is checkpointed this way (one image at a time: `backends.*.decode`); the UNet too
-when `TrainConfig.checkpointing` asks for blocks (`memory.checkpointing_policy`). Blocks are found by class name,
+when `TrainConfig.checkpointing` is "blocks" (chosen by `memory.checkpointing_policy` under "auto"). Both nest the
+block checkpoints inside one checkpoint per image or per UNet call, so only one image's or call's block boundaries
+are held at a time; the price is one more forward of that image's decoder or that call. Blocks are found by class name,
 the same rule for ComfyUI's and diffusers' models, without re-implementing their forward passes.
 """
 import contextlib
 import copy
 import functools
+
+import torch
 
 from .sampling import checkpointed
 
@@ -58,11 +62,18 @@ def each(modules, enabled=True):
                 m.forward = own
 
 
+def within(fn, modules):
+    """fn, with each of `modules` checkpointed while it runs (and while a checkpoint around it recomputes it)."""
+    def run(*args, **kwargs):
+        with each(modules):
+            return fn(*args, **kwargs)
+    return run
+
+
 def per_image(decode, x0, checkpoint_blocks):
-    """`decode(latent)` one image at a time, each decoder block in `checkpoint_blocks` checkpointed (an empty list:
-    no checkpointing): the backward pass holds one image's block at a time."""
-    import torch
+    """`decode(latent)`, checkpointed per image, with each decoder block in `checkpoint_blocks` checkpointed inside
+    (an empty list: no checkpointing). Backward recomputes one image's decode keeping only its block boundaries,
+    then one block at a time: the decoder holds one image's boundaries and one block, whatever the batch or n."""
     if not checkpoint_blocks or not torch.is_grad_enabled():
         return decode(x0)
-    with each(checkpoint_blocks):
-        return torch.cat([decode(x0[i:i + 1]) for i in range(x0.shape[0])])
+    return torch.cat([checkpointed(within(decode, checkpoint_blocks), x0[i:i + 1]) for i in range(x0.shape[0])])

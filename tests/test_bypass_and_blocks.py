@@ -122,11 +122,82 @@ def test_comfyui_decode_per_image_and_block_equals_the_whole_checkpoint(comfyui,
     backend = TrainingBackend(*objects)
     assert len(checkpointing.blocks(backend.vae_model.decoder, checkpointing.DECODER_BLOCKS)) > 6
     with torch.inference_mode(False):
-        check_decode_paths(backend, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+        check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
 
 
 def test_diffusers_decode_per_image_and_block_equals_the_whole_checkpoint(tmp_path):
     from comfy_draft.backends.diffusers import TrainingBackend
     backend = TrainingBackend.from_pipeline(tiny_pipeline(tmp_path), device="cpu")
     assert len(checkpointing.blocks(backend.vae.decoder, checkpointing.DECODER_BLOCKS)) > 4
-    check_decode_paths(backend, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+
+
+# ----- UNet blocks, batched DRaFT-LV copies, the checkpointing policy ------------------------------------------------
+def lv_outputs(backend, checkpoint, batched, seed=0):
+    """DRaFT-LV's n = 2 predictions and the LoRA gradient of a weighted sum of them, through `backend.run`."""
+    from comfy_draft.sampling import denoise_renoised
+    shape = backend.latent_shape(1, 16, 16)
+    g = torch.Generator().manual_seed(seed)
+    noise, noises = torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(2)]
+    params = list(backend.loras.parameters())
+
+    def fn(model, x, sigmas):
+        with torch.inference_mode(False), torch.enable_grad():
+            x0s = denoise_renoised(model, x.detach(), sigmas[-2], noises, checkpoint=False, batched=batched)
+            loss = sum((i + 1) * x0.square().mean() for i, x0 in enumerate(x0s))
+            out["x0s"], out["grads"] = torch.cat(x0s).detach(), torch.autograd.grad(loss, params)
+        return x
+    out = {}
+    backend.run(fn, ["a red apple"], "", 3.0, noise, 3, checkpoint=checkpoint)
+    return out["x0s"], torch.cat([g.flatten() for g in out["grads"]])
+
+
+def check_same(reference, *others):
+    for x0s, grads in others:
+        torch.testing.assert_close(x0s, reference[0], rtol=1e-5, atol=1e-5)
+        assert (grads - reference[1]).norm() <= 1e-4 * reference[1].norm() and reference[1].norm() > 0
+
+
+def test_unet_blocks_and_batched_copies_equal_the_plain_path_diffusers(tmp_path):
+    from tiny_diffusers import tiny_pixel_backend
+    backend = tiny_pixel_backend(tmp_path)
+    nonzero(backend.add_loras(rank=4))
+    assert len(checkpointing.blocks(backend.unet, checkpointing.UNET_BLOCKS)) > 4
+    check_same(lv_outputs(backend, False, False), lv_outputs(backend, True, False),
+               lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
+
+
+def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, tiny_sd15):
+    import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    with torch.inference_mode():
+        objects = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    backend = TrainingBackend(*objects)
+    nonzero(backend.add_loras(rank=4))
+    assert len(checkpointing.blocks(backend.model.model.diffusion_model, checkpointing.UNET_BLOCKS)) > 4
+    check_same(lv_outputs(backend, False, False), lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
+
+
+def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
+    """The policy a CUDA device gets, simulated on the CPU with a given device memory."""
+    from test_trainer import config
+    from tiny_diffusers import tiny_pixel_backend
+
+    from comfy_draft import memory, rewards
+    from comfy_draft.trainer import Trainer
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
+                      config(width=32, height=32, batch_size=2, lv_samples=2))
+    assert trainer.config.checkpointing == "auto" and trainer.checkpointing is True  # CPU: no device budget
+    probed = memory.probe(trainer)
+    off, on = (memory.estimate(trainer, c, probed)["total"] for c in (False, True))
+    assert on < off
+    assert memory.checkpointing_policy(trainer, device_total=off / 0.89) is False
+    assert memory.checkpointing_policy(trainer, device_total=on / 0.89) is True
+    assert memory.checkpointing_policy(trainer, device_total=on / 0.95) == "blocks"
+    for forced, total in ((True, 10 * off), (False, on / 2), ("blocks", 10 * off)):
+        trainer.config.checkpointing = forced  # the user's choice stands (True: at least each call)
+        assert memory.checkpointing_policy(trainer, device_total=total) is forced
+    with pytest.raises(ValueError, match="checkpointing must be"):
+        config(checkpointing="sometimes").validate()

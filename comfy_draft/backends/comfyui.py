@@ -292,7 +292,7 @@ class TrainingBackend(SamplingBackend):
       never partially unloads it between steps.
     - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
       call: ComfyUI batches cond and uncond by the free memory of the moment, and a recompute must see the shapes
-      of its forward.
+      of its forward. `checkpoint="blocks"` also checkpoints each UNet block inside it (`checkpointing.within`).
 
     `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and uses it for
     nothing else (the command line): one copy of the weights instead of two.
@@ -323,7 +323,10 @@ class TrainingBackend(SamplingBackend):
                         force_full_load=not self.offloaded, force_offload=self.offloaded)
 
     def _apply_model(self, executor, *args, **kwargs):
-        return checkpointed(executor, *args, enabled=self.checkpointing, **kwargs)
+        if self.checkpointing == "blocks":  # each UNet block too, inside the call's checkpoint
+            executor = checkpointing.within(executor, checkpointing.blocks(self.model.model.diffusion_model,
+                                                                           checkpointing.UNET_BLOCKS))
+        return checkpointed(executor, *args, enabled=bool(self.checkpointing), **kwargs)
 
     @contextlib.contextmanager
     def session(self):
@@ -364,8 +367,8 @@ class TrainingBackend(SamplingBackend):
             self.loras.to(self.device)
         # Bypass hooks on this backend's own copy of the UNet (as ComfyUI's trainer in bypass mode): no W + delta
         # rebuilt in every op's weight cast, so the no-grad prefix runs at KSampler's speed.
-        for n in targets:
-            attach(unet.get_submodule(n), self.loras[names[n]])
+        self.lora_modules = names  # UNet module path -> kohya name
+        self.lora_hooks = [attach(unet.get_submodule(n), self.loras[names[n]]) for n in targets]
         return self.loras
 
     def modules(self):

@@ -65,9 +65,13 @@ def guided(denoiser, cond, uncond, cfg):
     cond, uncond = as_kwargs(cond), as_kwargs(uncond)
 
     def model(x, sigma):
+        c, u = cond, uncond
+        copies = x.shape[0] // c["encoder_hidden_states"].shape[0]
+        if copies > 1:  # several copies of the batch in one call (DRaFT-LV), repeated as ComfyUI repeats conds
+            c, u = cat_conditioning([c] * copies), cat_conditioning([u] * copies)
         if cfg == 1:
-            return denoiser(x, sigma, **cond)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conditioning([uncond, cond]))
+            return denoiser(x, sigma, **c)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conditioning([u, c]))
         x0_uncond, x0_cond = both.chunk(2)
         return x0_uncond + cfg * (x0_cond - x0_uncond)
     return model
@@ -205,6 +209,8 @@ class TrainingBackend:
             for c in (cond, uncond):
                 c["added_cond_kwargs"]["time_ids"] = time_ids
         model = guided(self.denoiser, cond, uncond, cfg)
+        if checkpoint == "blocks":  # each UNet block too, inside the call's checkpoint
+            model = checkpointing.within(model, checkpointing.blocks(self.unet, checkpointing.UNET_BLOCKS))
         if checkpoint:
             model = functools.partial(checkpointed, model)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
