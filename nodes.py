@@ -362,6 +362,9 @@ def policy_inputs(d):
     }
 
 
+CHECKPOINTING = {"auto": "auto", "on": True, "blocks": "blocks", "off": False}  # options node -> TrainConfig
+
+
 def training_option_inputs():
     """The trainer's advanced settings, on the DRaFT Training Options node (their defaults apply without it)."""
     d = TrainConfig(prompts=[""])
@@ -374,9 +377,12 @@ def training_option_inputs():
         "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
                                  "tooltip": "Micro-batches per optimizer step: the batch of batch_size x "
                                             "accumulation in the memory of batch_size."}),
-        "checkpointing": ("BOOLEAN", {"default": d.checkpointing,
-                                      "tooltip": "Recompute UNet calls and the VAE decoder in the backward pass: "
-                                                 "much less memory, a little slower."}),
+        "checkpointing": (list(CHECKPOINTING), {"default": "auto",
+                                                "tooltip": "Recompute activations in the backward pass instead of "
+                                                           "keeping them: on (each UNet call and decoder block), "
+                                                           "blocks (also inside each UNet call: least memory), off "
+                                                           "(fastest), auto (the least recomputation that fits the "
+                                                           "GPU by the memory estimate; on off the GPU)."}),
         "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16,
                                "tooltip": "draft-lv: re-noised copies of the final latent per sample."}),
         "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000,
@@ -395,10 +401,10 @@ def training_option_inputs():
 
 
 def training_options(options):
-    """The options node's values, or the defaults where no options node is connected."""
+    """The options node's values as TrainConfig takes them, or the defaults where no options node is connected."""
     inputs = {**training_option_inputs(), **policy_inputs(TrainConfig(prompts=[""]))}
-    defaults = {name: spec[1]["default"] for name, spec in inputs.items()}
-    return {**defaults, **(options or {})}
+    o = {**{name: spec[1]["default"] for name, spec in inputs.items()}, **(options or {})}
+    return dict(o, checkpointing=CHECKPOINTING[o["checkpointing"]])
 
 
 class DRaFTTrainingOptions:

@@ -45,8 +45,10 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMFY_DIR = pathlib.Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "comfyui" / "ComfyUI"))
 CACHE = REPO / ".cache" / "bench"
+sys.path.insert(0, str(REPO))  # this checkout's comfy_draft, before any installed copy
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny checkpoint the tests use (and cache)
 
+GIB = 1024 ** 3
 PROMPTS = ["a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photograph"]
 SEED = 0
 CFG = 7.5
@@ -56,6 +58,18 @@ VARIANTS = {
     "draft-k (K=5)": dict(variant="draft-k", grad_steps=5),
     "draft (full)": dict(variant="draft"),
 }
+# Tensor-accounting configurations (bench/accounting.py): the paths before issue 14 and after it.
+ACCOUNTING = {
+    "before (W + delta, whole decoder)": dict(lora="weights", decode="whole", unet_checkpoint="call"),
+    "bypass LoRA, whole decoder": dict(lora="bypass", decode="whole", unet_checkpoint="call"),
+    "after: bypass, decoder blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="call"),
+    "after, UNet blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="blocks"),
+    "after, no checkpointing (n copies batched)": dict(lora="bypass", decode="off", unet_checkpoint="off",
+                                                       lv_batched=True),
+}
+# The configuration a Trainer runs with, by its resolved checkpointing (for the CUDA comparison).
+RUNS_AS = {True: "after: bypass, decoder blocks", "blocks": "after, UNet blocks",
+           False: "after, no checkpointing (n copies batched)"}
 RESOLUTION = {"real": {"sd15": 512, "sd2": 768, "sdxl": 1024}, "tiny": {"sd15": 64}}
 
 # Full UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py); the
@@ -299,17 +313,55 @@ def compare_sampling(model, clip, vae, reward, res, args, device):
                 return sample_ddim(model, x, sigmas)
         trainer.backend.run(chain, [PROMPTS[0]] * args.batch_size, "", CFG, torch.randn(latent.shape), args.steps)
 
-    times = {"ksampler": [], "ours": [], "training_chain": []}
-    runs = [("ksampler", ksampler), ("ours", library), ("training_chain", training_chain)]
+    times = {"ksampler": [], "ours": [], "training_chain": [], "training_chain_rebuilt": []}
+    runs = [("ksampler", ksampler, contextlib.nullcontext), ("ours", library, contextlib.nullcontext),
+            ("training_chain", training_chain, contextlib.nullcontext),
+            ("training_chain_rebuilt", training_chain, lambda: previous_lora_path(trainer.backend))]
     for i in range(args.sampling_repeats + 1):  # round 0 warms up (model loading, kernel selection)
-        for name, fn in runs if i % 2 else runs[::-1]:
-            seconds = timed(fn, device)
+        for name, fn, setup in runs if i % 2 else runs[::-1]:
+            with setup():
+                seconds = timed(fn, device)
             if i:
                 times[name].append(seconds)
-    k, o, t = (statistics.median(times[name]) for name in ("ksampler", "ours", "training_chain"))
+    k, o, t, r = (statistics.median(times[name]) for name in times)
     return {"ksampler_s": k, "ours_s": o, "ratio": k / o, "training_chain_s": t, "ratio_training_chain": k / t,
-            "runs_s": times,
+            "training_chain_rebuilt_s": r, "ratio_training_chain_rebuilt": k / r, "runs_s": times,
             "max_abs_diff": (outputs["ksampler"].float().cpu() - outputs["ours"].float().cpu()).abs().max().item()}
+
+
+@contextlib.contextmanager
+def previous_lora_path(backend):
+    """The trainer's LoRAs as the pack applied them before issue 14, for side-by-side timing: ComfyUI weight
+    wrappers, W + delta rebuilt inside every op's weight cast, instead of the bypass hooks."""
+    import comfy.model_management
+
+    from comfy_draft.lora import attach
+    unet = backend.model.model.diffusion_model
+    for hook in backend.lora_hooks:
+        hook.remove()
+    keys = {f"diffusion_model.{path}.weight": backend.loras[name] for path, name in backend.lora_modules.items()}
+    for key, lora in keys.items():
+        backend.model.add_weight_wrapper(key, lora)
+    comfy.model_management.unload_model_and_clones(backend.model)  # the next run loads with the wrappers
+    try:
+        yield
+    finally:
+        for key in keys:
+            del backend.model.weight_wrapper_patches[key]
+        comfy.model_management.unload_model_and_clones(backend.model)
+        backend.lora_hooks = [attach(unet.get_submodule(path), backend.loras[name])
+                              for path, name in backend.lora_modules.items()]
+
+
+def memory_estimate(model, clip, vae, reward, res, args):
+    """What the trainer prints before training (`memory.estimate`) for draft-lv (n = 2) at `res`, bf16, batch 1."""
+    from comfy_draft import memory
+    from comfy_draft.backends.comfyui import TrainingBackend
+    from comfy_draft.trainer import TrainConfig, Trainer
+    config = TrainConfig(prompts=PROMPTS, sampling_steps=args.steps, cfg=CFG, width=res, height=res, batch_size=1,
+                         precision="bf16", variant="draft-lv", lv_samples=2, seed=SEED)
+    e = memory.estimate(Trainer(TrainingBackend(model, clip, vae), reward, config))
+    return {**e, "resolution": res, "checkpointing": config.checkpointing}
 
 
 def train_config(variant, res, args):
@@ -447,6 +499,11 @@ def benchmark_model(name, args, device, reward, results, write):
               f"{s['max_abs_diff']:.1e}); training chain {s['training_chain_s']:.3f}s, ratio {s['ratio_training_chain']:.3f}",
               flush=True)
     write()
+    if args.size == "real":
+        entry["estimate"] = e = guarded(memory_estimate, model, clip, vae, reward, RESOLUTION["real"][name], args)
+        if e != "OOM":
+            print(f"  memory estimate at {e['resolution']}: {e['total'] / GIB:.2f} GiB", flush=True)
+        write()
 
     entry["variants"] = {}
     for variant in args.variants:
@@ -492,7 +549,9 @@ def markdown(results):
                       f"DDIM (DRaFT DDIM Sampler) {s['ours_s']:.3f} s: ratio KSampler / ours **{s['ratio']:.3f}** (max "
                       f"|difference| of the latents {s['max_abs_diff']:.1e}). The same chain as training runs it (the "
                       f"trainer's LoRA-wrapped model copy, training precision): {s['training_chain_s']:.3f} s, ratio "
-                      f"KSampler / training chain **{s['ratio_training_chain']:.3f}**.", ""]
+                      f"KSampler / training chain **{s['ratio_training_chain']:.3f}**; the same chain with the LoRA "
+                      f"applied as before issue 14 (W + delta rebuilt in every call): "
+                      f"{s['training_chain_rebuilt_s']:.3f} s, ratio **{s['ratio_training_chain_rebuilt']:.3f}**.", ""]
         lines += ["| variant | step s | sampling | differentiated | decode | reward | backward | optimizer | other "
                   "| unavoidable s | overhead ratio | peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for variant, r in m.get("variants", {}).items():
@@ -512,7 +571,14 @@ def markdown(results):
             u = r["units_s"]
             lines.append(f"| {variant} | {u['sampling_chain'] / r['sampling_steps']:.4f} | {u['differentiated_call']:.4f} "
                          f"| {u['decode']:.4f} | {u['reward']:.4f} | {u['optimizer']:.4f} |")
+        if m.get("estimate"):
+            e = m["estimate"]
+            lines += [f"The trainer's memory estimate (`memory.estimate`, printed before training) for draft-lv (n=2), "
+                      f"{e['resolution']}x{e['resolution']}, bf16, batch 1, checkpointing {e['checkpointing']}: "
+                      f"**{e['total'] / GIB:.2f} GiB** (weights {e['weights'] / GIB:.2f}, LoRA and optimizer "
+                      f"{e['training'] / GIB:.3f}, activations {e['activations'] / GIB:.2f}).", ""]
         lines.append("")
+    lines += accounting_markdown(results.get("accounting"))
     lines += ["Phases (seconds, medians over the measured steps): sampling = no-grad UNet calls; differentiated = "
               "forward of the differentiated calls; backward includes recomputing checkpointed UNet calls and the "
               "decoder; other = prompt/noise draw and ComfyUI's sampling setup and cleanup. Overhead ratio = step "
@@ -521,6 +587,28 @@ def markdown(results):
               "timed without checkpointing. Peak = torch.cuda.max_memory_allocated over the measured steps, in GB "
               "(10^9 bytes).", ""]
     return "\n".join(lines + target_checks(results))
+
+
+def accounting_markdown(rows):
+    """The tensor-accounting table of `bench/accounting.py` (CPU, meta tensors)."""
+    if not rows:
+        return []
+    lines = ["## Peak memory at real sizes by tensor accounting (CPU, meta tensors: no GPU measured)", "",
+             "One DRaFT-LV step (n = 2), batch 1, bf16 weights and activations, LoRA rank 8 on attention, aesthetic "
+             "reward (CLIP ViT-L/14 + MLP), CFG as one batch of 2; peak of live tensor bytes (`memory.LiveBytes`) "
+             "through forward and backward. GiB = 2^30 bytes. Split at the peak: what the UNet, decoder and reward "
+             "forwards (and their recomputes) hold.", "",
+             "| model | configuration | LoRA | decoder | UNet checkpoint | total GiB | weights | LoRA + AdamW "
+             "| step live at peak | of which UNet / decoder / reward | no-grad prefix transient | decoder alone |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["step_split_at_peak"]
+        split = " / ".join(f"{p.get(k, 0) / GIB:.2f}" for k in ("unet", "decode", "reward"))
+        lines.append(f"| {r['model']} {r['resolution']} | {r['config']} | {r['lora']} | {r['decode']} "
+                     f"| {r['unet_checkpoint']} | **{r['total'] / GIB:.2f}** | {r['weights'] / GIB:.2f} "
+                     f"| {r['training'] / GIB:.3f} | {r['step_live_peak'] / GIB:.2f} | {split} "
+                     f"| {r['prefix_transient'] / GIB:.2f} | {r['decoder_alone'] / GIB:.2f} |")
+    return lines + [""]
 
 
 def target_checks(results):
@@ -576,6 +664,12 @@ def main(argv=None):
     p.add_argument("--sampling-repeats", type=int, default=7,
                    help="rounds of the no-grad sampling comparison (cheap, and its 0.95 target needs a tight median)")
     p.add_argument("--no-checkpointing", action="store_true", help="train without recomputation (more memory)")
+    p.add_argument("--accounting", nargs="*", choices=list(ACCOUNTING), help="tensor accounting (bench/accounting.py) "
+                   "of a DRaFT-LV step at real size for these configurations; default with --size real: all")
+    p.add_argument("--no-timing", action="store_true", help="only the tensor accounting")
+    p.add_argument("--accounting-from", type=pathlib.Path,
+                   help="take the accounting from this results JSON instead of computing it (on CUDA, default: "
+                        "bench/results/speed_real_cpu.json, compared with torch.cuda.max_memory_allocated)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 gives steadier timings on a shared machine)")
     p.add_argument("--out", type=pathlib.Path, default=REPO / "bench" / "results")
     p.add_argument("--name", help="file stem; default speed (CUDA) or speed_cpu")
@@ -584,7 +678,7 @@ def main(argv=None):
     args.size = args.size or ("real" if device.type == "cuda" else "tiny")
     args.models = args.models or (["sd15", "sdxl"] if args.size == "real" else ["sd15"])
     args.steps = args.steps or (50 if args.size == "real" else 10)
-    args.name = args.name or ("speed" if device.type == "cuda" else "speed_cpu")
+    args.name = args.name or ("speed" if device.type == "cuda" else "speed_real_cpu" if args.size == "real" else "speed_cpu")
     missing = [m for m in args.models if m not in RESOLUTION[args.size]]
     if missing:
         p.error(f"--size {args.size} has no {', '.join(missing)} model (tiny models exist for sd15 only)")
@@ -601,14 +695,37 @@ def main(argv=None):
                "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}, "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 
+    previous = args.out / f"{args.name}.json"
+    if args.no_timing and previous.exists():  # keep the timings of an earlier run, replace the accounting
+        results["models"] = json.loads(previous.read_text())["models"]
+
     def write():
         (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
         (args.out / f"{args.name}.md").write_text(markdown(results))
 
     print(f"{results['env']['device_name']}, torch {torch.__version__}, ComfyUI {comfyui_version}; "
           f"{args.size} models {args.models}, {args.steps} steps", flush=True)
+    cpu_accounting = REPO / "bench" / "results" / "speed_real_cpu.json"
+    if args.accounting_from is None and device.type == "cuda" and args.size == "real" and cpu_accounting.exists():
+        args.accounting_from = cpu_accounting
+    if args.accounting is None:
+        args.accounting = list(ACCOUNTING) if args.size == "real" and args.accounting_from is None else []
+    results["args"]["accounting"] = args.accounting
+    if args.accounting_from:
+        results["args"]["accounting_from"] = str(args.accounting_from)
+        results["accounting"] = json.loads(args.accounting_from.read_text()).get("accounting", [])
+    elif args.accounting:
+        import accounting
+        results["accounting"] = []
+        for name in args.models:
+            for config in args.accounting:
+                r = accounting.account(name, RESOLUTION["real"][name], **ACCOUNTING[config])
+                r["config"] = config
+                print(accounting.describe(r), flush=True)
+                results["accounting"].append(r)
+                write()
     reward = aesthetic_reward(args.size)
-    for name in args.models:
+    for name in [] if args.no_timing else args.models:
         benchmark_model(name, args, device, reward, results, write)
     write()
     print(markdown(results))

@@ -1,8 +1,9 @@
 """LoRA as weight deltas, and kohya-format files that ComfyUI, A1111/Forge and diffusers load.
 
-A `LoRA` is a function of a base weight: W -> W + (alpha / rank) * up @ down. That is how ComfyUI
-applies LoRA files (ModelPatcher weight wrappers / patches) and exactly what a kohya file encodes, so
-the model being trained and the model a LoraLoader builds from the saved file are the same model.
+A `LoRA` is a rank-r update of a base weight: W -> W + (alpha / rank) * up @ down, exactly what a kohya file
+encodes and what ComfyUI's LoraLoader merges, so the model being trained and the model a LoraLoader builds from
+the saved file are the same model. Training applies it to the activations instead (`attach`, ComfyUI's bypass
+mode): y = f(x) + scale * up(down(x)), the same function without rebuilding W + delta on every call.
 Names are kohya's `lora_unet_<module path with _>`: diffusers-style paths for SD1.x/SD2.x, ldm paths
 for SDXL (what kohya's scripts write, and what ComfyUI maps).
 """
@@ -14,6 +15,7 @@ import os
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 # Attention projections of the UNet's transformer blocks (the paper's LoRA targets).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -45,7 +47,33 @@ class LoRA(torch.nn.Module):
         return scale * (self.up.flatten(1) @ self.down.flatten(1)).reshape(self.weight_shape)
 
     def forward(self, weight):
+        """W + delta, as a LoraLoader merges it (the reference that `attach`'s bypass is tested against)."""
         return weight + self.delta().to(weight.dtype) if self.strength else weight
+
+    def bypass(self, x, conv=None):
+        """strength * alpha / rank * up(down(x)): the LoRA's share of a layer's output for its input x; `conv`
+        holds the base convolution's stride, padding and dilation (None for a Linear)."""
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if conv is None:
+            h = F.linear(F.linear(x, down), up)
+        else:
+            h = F.conv2d(F.conv2d(x, down, None, **conv), up)
+        return h * (self.strength * self.alpha / self.rank)
+
+
+def attach(module, lora):
+    """Apply `lora` to a Linear or Conv2d `module` as a forward hook (bypass: module(x) + lora.bypass(x)). No
+    weight is rebuilt per call, and autograd keeps x and down(x), not a weight-sized W + delta. Returns the
+    hook's handle."""
+    conv = None
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(f"LoRA on a grouped or {module.padding_mode}-padded convolution is not supported")
+        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+
+    def hook(module, args, out):
+        return out + lora.bypass(args[0], conv) if lora.strength else out
+    return module.register_forward_hook(hook)
 
 
 def is_target(module_path, include_resnets=False):

@@ -1,13 +1,22 @@
 """Peak device memory of a training step, estimated before training, and what to change when it will not fit.
 
-weights      every parameter and buffer of the UNet, VAE, text encoder and reward (exact, in their dtypes)
+weights      every parameter and buffer of the UNet, VAE, text encoder and reward (exact, in their dtypes) and of
+             the validation judges (in the training dtype, as validation copies them)
 training     LoRA weights, gradients and AdamW's two moments (exact, float32)
 activations  what autograd keeps, counted by a probe: one UNet call, one VAE decode and one reward call run
-             with gradient at a small latent size, their saved tensors measured and scaled to the real
-             batch and area. With checkpointing only one UNet call or decode is expanded at a time during
+             with gradient at a small latent size, their saved tensors (or, checkpointed, the peak of their
+             forward + backward) measured and scaled to the real batch and area. With checkpointing only one
+             UNet call (or, with "blocks", one UNet block) or one image's decode is expanded at a time during
              backward, but every reward call of the step (n for DRaFT-LV) holds its activations.
+
+`checkpointing_policy` picks the checkpointing of TrainConfig's "auto" from these estimates.
 """
+import collections
+
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
 
@@ -16,13 +25,15 @@ ADVICE = ("lower batch_size (use accumulation for the same effective batch), kee
           "use fewer lv_samples or a smaller K")
 
 
-def tensor_bytes(modules):
+def tensor_bytes(modules, dtype=None):
+    """Bytes of the modules' parameters and buffers (floating-point ones counted in `dtype`, if given)."""
     seen, total = set(), 0
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+                size = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+                total += t.numel() * size
     return total
 
 
@@ -45,48 +56,134 @@ def saved_bytes(fn):
     return total
 
 
-def estimate(trainer):
-    """{"weights", "training", "activations", "total"} in bytes for one step of `trainer`."""
+class LiveBytes(TorchDispatchMode):
+    """Tensor accounting: the peak bytes of live tensor storages allocated while active (forward and backward,
+    recomputation included), a device-independent stand-in for a GPU's max_memory_allocated that also runs on
+    the meta device (shapes only, no storage). Views and in-place results of tensors made before (weights) are
+    not allocations and are not counted. At the peak, `at_peak` splits the bytes by `tag`: the innermost entry
+    of `tags` (pushed by `bench/accounting.tagging` per model) when the storage was made, else `phase`."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage id -> (weak ref, bytes, tag)
+        self.tags = []
+        self.phase = "other"
+        self.total = self.peak = 0
+        self.at_peak = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        tag = self.tags[-1] if self.tags else self.phase
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live and ref.cdata not in inputs:
+                    self.live[ref.cdata] = (ref, storage.nbytes(), tag)
+                    self.total += storage.nbytes()
+        for key in [k for k, v in self.live.items() if v[0].expired()]:
+            self.total -= self.live.pop(key)[1]
+        if self.total > self.peak:
+            self.peak = self.total
+            split = collections.Counter()
+            for _, n, t in self.live.values():
+                split[t] += n
+            self.at_peak = dict(split)
+        return out
+
+
+def peak_bytes(fn):
+    """Peak live tensor bytes of fn() (`LiveBytes`)."""
+    with LiveBytes() as live:
+        fn()
+    return live.peak
+
+
+def probe(trainer):
+    """What one step's pieces hold at the probe size, for 1 and 2 images: saved bytes of one UNet call, decode and
+    reward call without checkpointing, and the peak of forward + backward of one UNet call with its blocks
+    checkpointed ("unet_blocks") and of one checkpointed decode ("decode_checkpointed")."""
     c, backend = trainer.config, trainer.backend
     shape = backend.latent_shape(c.batch_size, c.height, c.width)
     side = min(PROBE_LATENT, shape[-1], shape[-2])
-    area = shape[-2] * shape[-1] / side ** 2
 
-    def probe(batch):
-        """Saved bytes of one UNet call, decode and reward call at `batch` images of the probe size."""
+    def at(batch):
         sizes = {}
 
         def fn(model, x, sigmas):
             with trainer.autocast():
-                sizes["unet"] = saved_bytes(lambda: model(x, sigmas[-2] * x.new_ones(batch)))
+                sigma = sigmas[-2] * x.new_ones(batch)
+                sizes["unet"] = saved_bytes(lambda: model(x, sigma))
                 latent = x.detach().requires_grad_(True)
                 sizes["decode"] = saved_bytes(lambda: backend.decode(latent, checkpoint=False))
+                sizes["decode_checkpointed"] = peak_bytes(
+                    lambda: torch.autograd.grad(backend.decode(latent[:1], checkpoint=True).sum(), latent))
                 full = torch.full((batch, 3, c.height, c.width), 0.5, device=latent.device, requires_grad=True)
                 sizes["reward"] = saved_bytes(lambda: trainer.reward(full, c.prompts[:1] * batch))
             return x
 
+        def blocks(model, x, sigmas):
+            with trainer.autocast():
+                x = x.detach().requires_grad_(True)  # gradient to the input only: the LoRA's stays untouched
+                sizes["unet_blocks"] = peak_bytes(
+                    lambda: torch.autograd.grad(model(x, sigmas[-2] * x.new_ones(batch)).sum(), x))
+            return x
+
         noise = torch.randn(batch, *shape[1:-2], side, side)
         backend.run(fn, c.prompts[:1] * batch, c.negative_prompt, c.cfg, noise, 2)
+        backend.run(blocks, c.prompts[:1] * batch, c.negative_prompt, c.cfg, noise, 2, checkpoint="blocks")
         return sizes
 
     with torch.inference_mode(False), torch.enable_grad():
-        one, two = probe(1), probe(2)
-    # Per call: the weights autograd keeps (LoRA-patched weights); per image: activations, which grow with area.
-    def cost(key, scales=True):
+        return at(1), at(2), shape[-2] * shape[-1] / side ** 2
+
+
+def estimate(trainer, checkpointing=True, probed=None):
+    """{"weights", "training", "activations", "total"} in bytes for one step of `trainer` with `checkpointing`
+    (False, True or "blocks"; `probed`: a `probe(trainer)` to reuse)."""
+    c, backend = trainer.config, trainer.backend
+    one, two, area = probed or probe(trainer)
+
+    # Per call: the weights autograd keeps; per image: activations, which grow with area.
+    def cost(key, scales=True, images=c.batch_size):
         per_image = two[key] - one[key]
-        return one[key] - per_image + c.batch_size * per_image * (area if scales else 1)
+        return one[key] - per_image + images * per_image * (area if scales else 1)
 
     rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1
     differentiated = {"draft": c.sampling_steps, "draft-k": c.grad_steps, "alignprop": c.sampling_steps}.get(c.variant, 1)
-    if c.checkpointing:  # inputs are kept; one call or decode at a time is expanded during backward
-        expanded = max(cost("unet"), cost("decode"))
+    if checkpointing:  # inputs are kept; during backward one call is expanded, or one image's decode
+        unet = cost("unet_blocks") if checkpointing == "blocks" else cost("unet")
+        expanded = max(unet, cost("decode_checkpointed", images=1))
     else:
         expanded = rewards_per_step * (differentiated * cost("unet") + cost("decode"))
     activations = expanded + rewards_per_step * cost("reward", scales=False)
-    weights = tensor_bytes([*backend.modules(), trainer.reward])
+    judges = trainer.validator.judges.values() if getattr(trainer, "validator", None) is not None else []
+    weights = tensor_bytes([*backend.modules(), trainer.reward]) + tensor_bytes(judges, trainer.dtype)
     training = 4 * sum(p.numel() * 4 for p in trainer.params)
     return {"weights": weights, "training": training, "activations": int(activations),
-            "total": int(weights + training + activations)}
+            "total": int(weights + training + activations), "checkpointing": checkpointing}
+
+
+def checkpointing_policy(trainer, device_total=None):
+    """The checkpointing a step runs with: `TrainConfig.checkpointing` when it is False or "blocks"; otherwise the
+    least recomputation whose estimate fits in 90% of the device's memory (`device_total` bytes, by default the
+    CUDA device's), from False ("auto" only) to True to "blocks". Without a known budget (CPU) "auto" and True
+    are True."""
+    forced = trainer.config.checkpointing
+    if forced is False or forced == "blocks":
+        return forced
+    device = trainer.backend.device
+    if device_total is None:
+        if device.type != "cuda":
+            return True
+        device_total = torch.cuda.mem_get_info(device)[1]
+    probed = probe(trainer)
+    for choice in ([False] if forced == "auto" else []) + [True]:
+        if estimate(trainer, choice, probed)["total"] <= 0.9 * device_total:
+            return choice
+    return "blocks"
 
 
 def describe(e):

@@ -236,7 +236,7 @@ def ddpo_update(trainer, round_, g):
         return x
 
     backend.run(fn, round_["prompts"], c.negative_prompt, c.cfg, round_["noise"], c.sampling_steps,
-                checkpoint=c.checkpointing)
+                checkpoint=trainer.checkpointing)
     if first:
         round_["old_log_probs"] = torch.stack(old_all)
     round_["last_ratios"] = torch.stack(ratios)
@@ -292,7 +292,7 @@ def graft_update(trainer, round_, g):
         return x
 
     backend.run(fn, round_["prompts"], c.negative_prompt, 1.0, torch.zeros(x_t.shape), c.sampling_steps,
-                checkpoint=c.checkpointing)
+                checkpoint=trainer.checkpointing)
     return out["loss"], out["loss"].new_zeros(())
 
 

@@ -60,7 +60,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0   # 0 disables clipping
     kl_coef: float = 0.0         # DRaFT+ regulariser: coef * ||eps_LoRA - eps_base||^2 on differentiated steps
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
-    checkpointing: bool = True   # recompute UNet steps and the VAE decoder in the backward pass
+    # Recompute in the backward pass: True (each differentiated UNet call, each decoder block; on CUDA also each
+    # UNet block when a call does not fit), "blocks" (always each UNet block too), False (nothing), "auto" (the
+    # least recomputation that fits the device by the memory estimate; True off CUDA): `memory.checkpointing_policy`.
+    checkpointing: bool | str = "auto"
     reward_resolution: int = 0   # decode for the reward at this size (latents resized first; 0: full size)
     seed: int = 0
     save_every: int = 0          # training checkpoint every N steps (0: only at the end)
@@ -89,6 +92,8 @@ class TrainConfig:
         for name in ("lv_samples", "steps", "sampling_steps", "batch_size", "accumulation", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpointing not in (True, False, "auto", "blocks"):
+            raise ValueError(f"checkpointing must be True, False, 'auto' or 'blocks', got {self.checkpointing!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("inner_epochs", "samples_per_prompt", "accepted_per_prompt", "stat_buffer", "stat_min_count"):
@@ -152,10 +157,10 @@ def cast_copy(module, device, dtype=None):
     return copy.deepcopy(module, memo)
 
 
-def differentiable_samples(model, x, sigmas, config, g):
+def differentiable_samples(model, x, sigmas, config, g, batched=False):
     """The variant's final predictions x0, each differentiable in the LoRA weights, and the
     differentiated model calls as (input, sigma, prediction) for the regulariser. (The backend checkpoints
-    the model calls: `Backend.run`.)"""
+    the model calls: `Backend.run`.) `batched`: DRaFT-LV's n copies in one model call."""
     steps = len(sigmas) - 1
     k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
     if config.variant == "alignprop":
@@ -168,7 +173,7 @@ def differentiable_samples(model, x, sigmas, config, g):
         with torch.no_grad():
             x0 = sample_ddim(model, x, sigmas)
         noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
-        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=False)
+        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=False, batched=batched)
         return x0s, [(x0 + sigmas[-2] * eps, sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
     calls = []
 
@@ -243,8 +248,9 @@ class Trainer:
         def fn(model, x, sigmas):
             # EOT rewards draw this micro-batch's transformations from its seed (rewards.robust)
             with self.autocast(), seeded(self.reward, g.initial_seed()):
-                x0s, calls = differentiable_samples(model, x, sigmas, c, g)
-                images = [self.backend.decode(self.for_reward(x0), c.checkpointing) for x0 in x0s]
+                # Without checkpointing n copies in one call hold what n calls would: batch them.
+                x0s, calls = differentiable_samples(model, x, sigmas, c, g, batched=self.checkpointing is False)
+                images = [self.backend.decode(self.for_reward(x0), bool(self.checkpointing)) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)
                 penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
             # DRaFT-LV sums the n rewards; the batch (and accumulation) are averaged.
@@ -254,7 +260,7 @@ class Trainer:
                        kl=penalty.detach().float(), images=images[0].detach().float().clamp(0, 1))
             return x0s[0].detach()
 
-        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=c.checkpointing)
+        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=self.checkpointing)
         return out
 
     def for_reward(self, x0):
@@ -364,9 +370,18 @@ class Trainer:
             self.kept_step = v.best["step"]
         return self.history
 
+    @property
+    def checkpointing(self):
+        """The checkpointing steps run with (False, True or "blocks"): the config's, resolved once by the memory
+        estimate where it leaves the choice open (`memory.checkpointing_policy`)."""
+        if getattr(self, "_checkpointing", None) is None:
+            self._checkpointing = memory.checkpointing_policy(self)
+        return self._checkpointing
+
     def memory_estimate(self):
-        """Estimated peak device memory of a step (see `memory`); raises MemoryError if it cannot fit."""
-        estimate = memory.estimate(self)
+        """Estimated peak device memory of a step (see `memory`) with the checkpointing it runs with; raises
+        MemoryError if it cannot fit."""
+        estimate = memory.estimate(self, self.checkpointing)
         memory.check_fits(estimate, self.backend.device)
         return estimate
 

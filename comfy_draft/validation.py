@@ -42,11 +42,14 @@ class ValidationConfig:
             raise ValueError("a diversity floor needs at least two validation seeds per prompt")
 
 
-def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width, height, sampler=sample_ddim):
-    """No-gradient DDIM samples for every prompt x seed (prompt-major), as images in [0, 1] on the CPU.
+def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width, height, sampler=sample_ddim,
+                    batch=None):
+    """No-gradient DDIM samples for every prompt x seed (prompt-major), as images in [0, 1] on the CPU, sampled and
+    decoded `batch` images at a time (None: all seeds of a prompt at once).
 
-    The start noise of each image depends only on its seed, so any model sees the same noise. `sampler(model, x,
-    sigmas)`: how the LoRA samples (P-GRAFT's switch to the base model below t: `policy.sampler_for`)."""
+    The start noise of each image depends only on its seed, so any model sees the same noise at any batch.
+    `sampler(model, x, sigmas)`: how the LoRA samples (P-GRAFT's switch to the base model below t:
+    `policy.sampler_for`)."""
     images = []
 
     def fn(model, x, sigmas):
@@ -54,11 +57,13 @@ def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width,
         images.append(backend.decode(x0, checkpoint=False).float().cpu())
         return x0
 
+    batch = batch or len(seeds)
     with torch.no_grad():
         for prompt in prompts:
-            noise = torch.cat([torch.randn(backend.latent_shape(1, height, width), generator=torch.Generator().manual_seed(s))
-                               for s in seeds])
-            backend.run(fn, [prompt] * len(seeds), negative_prompt, cfg, noise, steps)
+            for i in range(0, len(seeds), batch):
+                noise = torch.cat([torch.randn(backend.latent_shape(1, height, width),
+                                               generator=torch.Generator().manual_seed(s)) for s in seeds[i:i + batch]])
+                backend.run(fn, [prompt] * len(noise), negative_prompt, cfg, noise, steps)
     return torch.cat(images)
 
 
@@ -102,6 +107,7 @@ class Validator:
     def __init__(self, config, judges=None):
         self.config = config
         self.judges = dict(judges or {})
+        self.on_device = None   # the judges as validation runs them (`__call__`)
         config.validate(self.judges)
         self.history = []       # one metrics dict per validation, with its "step"
         self.base = None        # absolute scores of the base model (LoRA at strength 0)
@@ -109,16 +115,21 @@ class Validator:
 
     def evaluate(self, trainer):
         c = trainer.config
+        # Within a training step's memory: as many images at a time as one step scores.
+        batch = c.batch_size * (c.lv_samples if c.variant == "draft-lv" else 1)
         images = held_out_images(trainer.backend, self.config.prompts, self.config.seeds, c.negative_prompt, c.cfg,
-                                 c.sampling_steps, c.width, c.height, policy.sampler_for(c, trainer.loras))
-        with trainer.autocast():  # the reward may be in half precision
-            return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.judges,
-                                feature_model_of(self.judges, trainer.reward), trainer.backend.device)
+                                 c.sampling_steps, c.width, c.height, policy.sampler_for(c, trainer.loras), batch)
+        with trainer.autocast():  # the reward and the judges may be in half precision
+            return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.on_device,
+                                feature_model_of(self.on_device, trainer.reward), trainer.backend.device)
 
     def __call__(self, trainer):
         """Validate the trainer's current LoRA; returns the `val_*` metrics."""
-        for judge in self.judges.values():
-            judge.to(trainer.backend.device)
+        if self.on_device is None:  # private copies in the training dtype (counted by `memory.estimate`)
+            from .trainer import cast_copy
+            with torch.inference_mode(False):
+                self.on_device = {name: cast_copy(judge, trainer.backend.device, trainer.dtype)
+                                  for name, judge in self.judges.items()}
         scores = distributed.from_main(lambda: self.evaluate(trainer))
         if self.base is None:
             if any(lora.up.any() for lora in trainer.loras.values()):  # e.g. resumed from a LoRA file

@@ -27,10 +27,16 @@ def test_advanced_settings_live_on_the_options_node_with_the_trainers_defaults(c
     trainer_widgets = [name for name, _ in widget_names(nodes["DRaFTTrainLoRA"])]
     assert not moved & set(trainer_widgets) and len(trainer_widgets) <= 15, trainer_widgets
     d = TrainConfig(prompts=[""])
-    defaults = module.training_options(None)  # no options node connected
+    defaults = module.training_options(None)  # no options node connected: TrainConfig's own defaults
     assert defaults == {"precision": d.precision, "accumulation": d.accumulation, "checkpointing": d.checkpointing,
                         "lv_samples": d.lv_samples, "k": d.grad_steps, "kl_coef": d.kl_coef,
-                        "reward_resolution": d.reward_resolution, "save_every": d.save_every}
-    assert training_options()["inputs"] == defaults  # the tests' and examples' options node starts from them
-    (built,) = nodes["DRaFTTrainingOptions"]().build(**dict(defaults, kl_coef=3.0))
-    assert module.training_options(built) == dict(defaults, kl_coef=3.0)
+                        "reward_resolution": d.reward_resolution, "save_every": d.save_every,
+                        "inner_epochs": d.inner_epochs, "graft_samples_per_prompt": d.samples_per_prompt,
+                        "graft_accepted_per_prompt": d.accepted_per_prompt, "pgraft_fraction": d.pgraft_fraction,
+                        "ddpo_timestep_fraction": d.timestep_fraction, "ddpo_clip_range": d.clip_range,
+                        "ddpo_adv_clip_max": d.adv_clip_max}
+    widgets = {name: spec[1]["default"] for group in ("required", "optional")
+               for name, spec in nodes["DRaFTTrainingOptions"].INPUT_TYPES()[group].items()}
+    assert training_options()["inputs"] == {k: widgets[k] for k in moved}  # the tests' and examples' options node
+    (built,) = nodes["DRaFTTrainingOptions"]().build(**dict(widgets, kl_coef=3.0, checkpointing="off"))
+    assert module.training_options(built) == dict(defaults, kl_coef=3.0, checkpointing=False)

@@ -96,11 +96,12 @@ def test_strength_sweep_scales_the_lora_delta(tmp_path):
         for lora in loras.values():
             lora.up.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     module = backend.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
-    base, delta = module.parametrizations.weight.original.detach(), next(iter(loras.values())).delta().detach()
-    with loras.scaled(0.5):
-        assert torch.allclose(module.weight, base + 0.5 * delta)
-    with loras.disabled():
-        assert torch.equal(module.weight, base)
+    base, delta = module.weight.detach(), next(iter(loras.values())).delta().detach()
+    x = torch.randn(2, 5, module.in_features)
+    with torch.no_grad(), loras.scaled(0.5):
+        assert torch.allclose(module(x), torch.nn.functional.linear(x, base + 0.5 * delta, module.bias), atol=1e-6)
+    with torch.no_grad(), loras.disabled():
+        assert torch.equal(module(x), torch.nn.functional.linear(x, base, module.bias))
     rows, images = strength_sweep(scaled(backend, loras, [0.0, 1.0]), BRIGHTNESS, HELD_OUT_PROMPTS, [7, 8],
                                   cfg=3.0, steps=6, width=16, height=16, judges={"darkness": DARKNESS})
     assert [r["strength"] for r in rows] == [0.0, 1.0] and images.shape == (2 * 2 * 2, 3, 16, 16)

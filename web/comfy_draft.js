@@ -238,7 +238,10 @@ function addMovedOptions(trainer, moved) {
   app.graph.add(options);
   options.pos = [trainer.pos[0] - options.size[0] - 40, trainer.pos[1]];
   for (const widget of options.widgets ?? []) {
-    if (widget.name in moved) widget.value = moved[widget.name];
+    if (!(widget.name in moved)) continue;
+    const value = moved[widget.name];
+    // checkpointing was a boolean before it gained "auto" and "blocks"
+    widget.value = widget.name === "checkpointing" && typeof value === "boolean" ? (value ? "on" : "off") : value;
   }
   options.connect(0, trainer, trainer.findInputSlot("options"));
 }

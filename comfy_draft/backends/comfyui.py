@@ -17,6 +17,7 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
+from .. import checkpointing
 from ..sampling import checkpointed, sample_ddim
 
 
@@ -310,14 +311,15 @@ class TrainingBackend(SamplingBackend):
     - ComfyUI made these inside `torch.inference_mode`, and inference tensors cannot be saved for backward, so
       training uses a trainable copy of the model (`trainable_copy`: a plain, non-dynamic ModelPatcher) and a
       `plain_copy` of the VAE decoder; text conditioning is cloned.
-    - LoRAs attach as ModelPatcher weight wrappers, so guidance, SDXL conds and other patches keep working.
+    - LoRAs attach as bypass forward hooks on the copy's projections (`lora.attach`); guidance, SDXL conds and
+      other patches keep working through ComfyUI.
     - `session()` loads the UNet once for the whole run: fully when it fits, else offloaded with every
       weight-casting op checkpointed on its own (`offload`: None decides by free device memory). Each sampling call
       prepares the model the same way (a prepare-sampling wrapper, as ComfyUI's TrainGuider does), so ComfyUI
       never partially unloads it between steps.
     - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
       call: ComfyUI batches cond and uncond by the free memory of the moment, and a recompute must see the shapes
-      of its forward.
+      of its forward. `checkpoint="blocks"` also checkpoints each UNet block inside it (`checkpointing.within`).
 
     `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and uses it for
     nothing else (the command line): one copy of the weights instead of two.
@@ -348,7 +350,10 @@ class TrainingBackend(SamplingBackend):
                         force_full_load=not self.offloaded, force_offload=self.offloaded)
 
     def _apply_model(self, executor, *args, **kwargs):
-        return checkpointed(executor, *args, enabled=self.checkpointing, **kwargs)
+        if self.checkpointing == "blocks":  # each UNet block too, inside the call's checkpoint
+            executor = checkpointing.within(executor, checkpointing.blocks(self.model.model.diffusion_model,
+                                                                           checkpointing.UNET_BLOCKS))
+        return checkpointed(executor, *args, enabled=bool(self.checkpointing), **kwargs)
 
     @contextlib.contextmanager
     def session(self):
@@ -374,10 +379,11 @@ class TrainingBackend(SamplingBackend):
             self.checkpointing = False
 
     def add_loras(self, rank, alpha=None, resnets=False):
-        from ..lora import LoRASet, is_target, kohya_name
+        from ..lora import LoRASet, attach, is_target, kohya_name
 
         unet = self.model.model.diffusion_model
-        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")]
+        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")
+                   and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
         to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
                         for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
@@ -386,22 +392,26 @@ class TrainingBackend(SamplingBackend):
         with torch.inference_mode(False):
             self.loras = LoRASet({names[n]: unet.get_submodule(n).weight.shape for n in targets}, rank, alpha)
             self.loras.to(self.device)
-        for n in targets:
-            self.model.add_weight_wrapper(f"diffusion_model.{n}.weight", self.loras[names[n]])
+        # Bypass hooks on this backend's own copy of the UNet (as ComfyUI's trainer in bypass mode): no W + delta
+        # rebuilt in every op's weight cast, so the no-grad prefix runs at KSampler's speed.
+        self.lora_modules = names  # UNet module path -> kohya name
+        self.lora_hooks = [attach(unet.get_submodule(n), self.loras[names[n]]) for n in targets]
         return self.loras
 
     def modules(self):
         return [self.model.model.diffusion_model, self.vae_model]
 
     def decode(self, x0, checkpoint=True):
-        """Images (B, 3, H, W) in [0, 1], differentiable; the decoder is recomputed in backward."""
+        """Images (B, 3, H, W) in [0, 1], differentiable; with `checkpoint`, one image at a time and each decoder
+        block recomputed in backward (`checkpointing.per_image`)."""
         self.vae_model.to(self.device)
 
         def decode(latent):
             # In the VAE's own dtype (never fp16, see `decode_dtype`), whatever the autocast.
             with torch.autocast(self.device.type, enabled=False):
                 return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
-        return ((checkpointed(decode, x0, enabled=checkpoint) + 1) / 2).clamp(0, 1)
+        blocks = checkpointing.blocks(self.vae_model.decoder, checkpointing.DECODER_BLOCKS) if checkpoint else []
+        return ((checkpointing.per_image(decode, x0, blocks) + 1) / 2).clamp(0, 1)
 
 
 # ----- annealed importance guidance (guidance.py) over two MODELs ----------------------------------------------------

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from .. import checkpointing
 from ..sampling import check_grad_steps, checkpointed, sample_ddim
 
 
@@ -64,9 +65,13 @@ def guided(denoiser, cond, uncond, cfg):
     cond, uncond = as_kwargs(cond), as_kwargs(uncond)
 
     def model(x, sigma):
+        c, u = cond, uncond
+        copies = x.shape[0] // c["encoder_hidden_states"].shape[0]
+        if copies > 1:  # several copies of the batch in one call (DRaFT-LV), repeated as ComfyUI repeats conds
+            c, u = cat_conditioning([c] * copies), cat_conditioning([u] * copies)
         if cfg == 1:
-            return denoiser(x, sigma, **cond)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conditioning([uncond, cond]))
+            return denoiser(x, sigma, **c)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conditioning([u, c]))
         x0_uncond, x0_cond = both.chunk(2)
         return x0_uncond + cfg * (x0_cond - x0_uncond)
     return model
@@ -145,9 +150,7 @@ class TrainingBackend:
         return backend
 
     def add_loras(self, rank, alpha=None, resnets=False):
-        from torch.nn.utils import parametrize
-
-        from ..lora import LoRASet, is_target, kohya_name, ldm_module_path
+        from ..lora import LoRASet, attach, is_target, kohya_name, ldm_module_path
 
         modules = {n: m for n, m in self.unet.named_modules()
                    if is_target(n, resnets) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
@@ -157,8 +160,7 @@ class TrainingBackend:
         else:
             names = {n: kohya_name(n) for n in modules}
         self.loras = LoRASet({names[n]: m.weight.shape for n, m in modules.items()}, rank, alpha).to(self.device)
-        for n, module in modules.items():
-            parametrize.register_parametrization(module, "weight", self.loras[names[n]])
+        self._lora_hooks = [attach(module, self.loras[names[n]]) for n, module in modules.items()]  # bypass
         return self.loras
 
     def modules(self):
@@ -207,17 +209,20 @@ class TrainingBackend:
             for c in (cond, uncond):
                 c["added_cond_kwargs"]["time_ids"] = time_ids
         model = guided(self.denoiser, cond, uncond, cfg)
+        if checkpoint == "blocks":  # each UNet block too, inside the call's checkpoint
+            model = checkpointing.within(model, checkpointing.blocks(self.unet, checkpointing.UNET_BLOCKS))
         if checkpoint:
             model = functools.partial(checkpointed, model)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
         return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
     def decode(self, x0, checkpoint=True):
-        """Images in [0, 1]; the VAE decoder is recomputed in the backward pass when `checkpoint`."""
+        """Images in [0, 1]; with `checkpoint` the VAE decoder's blocks are recomputed in the backward pass."""
         if self.vae is None:  # pixel space; grey images become RGB for the rewards
             images = x0.expand(-1, 3, -1, -1) if x0.shape[1] == 1 else x0
-        else:
-            images = checkpointed(self.vae_decode, x0, enabled=checkpoint)
+        else:  # one image at a time, each decoder block recomputed in backward
+            blocks = checkpointing.blocks(self.vae.decoder, checkpointing.DECODER_BLOCKS) if checkpoint else []
+            images = checkpointing.per_image(self.vae_decode, x0, blocks)
         return ((images + 1) / 2).clamp(0, 1)
 
     def vae_decode(self, latent):

@@ -255,6 +255,19 @@ class ClipReward(Reward):
     def features(self, images):
         return F.normalize(self.clip.encode_image(self.pixels(images)), dim=-1)
 
+    def text_features(self, prompts):
+        """L2-normalised text embeddings, each prompt encoded once per dtype and device (training asks for the
+        same prompts every step; no gradient flows to text)."""
+        cache = self.__dict__.setdefault("_text_features", {})
+        weight = next(self.clip.parameters())
+        key = (weight.dtype, weight.device)
+        missing = [p for p in dict.fromkeys(prompts) if (p, key) not in cache]
+        if missing:
+            with torch.no_grad():
+                for p, f in zip(missing, F.normalize(self.clip.encode_text(missing), dim=-1)):
+                    cache[p, key] = f
+        return torch.stack([cache[p, key] for p in prompts])
+
 
 class AestheticReward(ClipReward):
     """LAION aesthetic predictor v2: an MLP on the L2-normalised CLIP ViT-L/14 image embedding (about 1-10)."""
@@ -315,7 +328,7 @@ class HPSv2Reward(ClipReward):
         return normalize(resize_longest_pad(images, self.clip.image_size, fill=0.0), CLIP_MEAN, CLIP_STD)
 
     def score(self, images, prompts):
-        return _cosine(self.features(images), self.clip.encode_text(prompts))
+        return _cosine(self.features(images), self.text_features(prompts))
 
 
 def load_hpsv2(path, allow_unsafe_pickle=False):
@@ -334,7 +347,7 @@ class PickScoreReward(ClipReward):
         self.name = "PickScore"
 
     def score(self, images, prompts):
-        return self.clip.logit_scale.exp() * _cosine(self.features(images), self.clip.encode_text(prompts))
+        return self.clip.logit_scale.exp() * _cosine(self.features(images), self.text_features(prompts))
 
 
 def load_pickscore(folder):

@@ -1,0 +1,203 @@
+"""The real-size design paths (issue 14) against the paths they replace: LoRA applied by bypass hooks vs W + delta
+rebuilt per call (ComfyUI's weight wrappers), the decoder checkpointed per image and per block vs as one checkpoint,
+and what each keeps for backward."""
+import pytest
+import torch
+from tiny_diffusers import tiny_pipeline
+
+from comfy_draft import checkpointing
+from comfy_draft.memory import LiveBytes
+from comfy_draft.lora import LoRA, LoRASet, attach
+from comfy_draft.sampling import checkpointed
+
+
+def nonzero(loras, seed=1):
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed))
+    return loras
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(12, 10), torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),
+                                   torch.nn.Conv2d(6, 5, 1)], ids=["linear", "conv3x3-stride2", "conv1x1"])
+def test_bypass_equals_the_merged_weight_forward_and_backward(layer):
+    layer.requires_grad_(False)
+    loras = nonzero(LoRASet({"m": layer.weight.shape}, rank=4, alpha=2.0))
+    lora = loras["m"]
+    x = torch.randn(3, 12) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 6, 9, 9)
+    op = torch.nn.functional.linear if isinstance(layer, torch.nn.Linear) else \
+        lambda x, w, b: torch.nn.functional.conv2d(x, w, b, layer.stride, layer.padding)
+
+    def merged():  # the previous path: W + delta, as ComfyUI's weight wrappers rebuilt it in every call
+        return op(x, lora(layer.weight), layer.bias)
+    handle = attach(layer, lora)
+    for strength in (1.0, 0.5, 0.0):
+        with loras.scaled(strength):
+            ours, theirs = layer(x), merged()
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            if strength:
+                grads = torch.autograd.grad(ours.square().sum(), [lora.down, lora.up])
+                expected = torch.autograd.grad(theirs.square().sum(), [lora.down, lora.up])
+                for g, e in zip(grads, expected):
+                    torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+            else:
+                assert torch.equal(ours, op(x, layer.weight, layer.bias))  # disabled: exactly the base layer
+    handle.remove()
+
+
+def test_bypass_keeps_activations_not_a_weight_sized_copy():
+    layer = torch.nn.Linear(512, 512).requires_grad_(False)
+    lora = LoRA(layer.weight.shape, rank=4)
+    x = torch.randn(2, 512, requires_grad=True)  # as inside a UNet, where earlier LoRAs feed this layer
+    with LiveBytes() as rebuilt:
+        out = torch.nn.functional.linear(x, lora(layer.weight), layer.bias)
+    attach(layer, lora)
+    with LiveBytes() as bypass:
+        out = layer(x)  # noqa: F841 (kept alive with its graph until measured)
+    assert rebuilt.peak >= layer.weight.numel() * 4 > 10 * bypass.peak, (rebuilt.peak, bypass.peak)
+
+
+def test_comfyui_training_model_equals_the_weight_wrapper_path(comfyui, tiny_sd15, monkeypatch):
+    """The ComfyUI backend's guided x0 and its LoRA gradients, bypass hooks vs ComfyUI's weight wrappers."""
+    import comfy.sd
+
+    from comfy_draft import lora as lora_module
+    from comfy_draft.backends.comfyui import TrainingBackend
+    with torch.inference_mode():
+        objects = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+
+    def outputs(backend):
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+        def fn(model, x, sigmas):
+            with torch.enable_grad():
+                x0 = model(x, sigmas[1] * x.new_ones(1))
+                grads = torch.autograd.grad(x0.square().sum(), list(backend.loras.parameters()))
+            return x0.detach(), grads
+        with torch.inference_mode(False):
+            out = {}
+            backend.run(lambda *a: out.setdefault("r", fn(*a))[0], ["a red apple"], "", 4.0, noise, 4)
+        return out["r"]
+
+    bypass = TrainingBackend(*objects)
+    torch.manual_seed(0)
+    nonzero(bypass.add_loras(rank=4))
+    wrapped, attached = TrainingBackend(*objects), []
+    monkeypatch.setattr(lora_module, "attach", lambda module, lora: attached.append((module, lora)))
+    torch.manual_seed(0)
+    nonzero(wrapped.add_loras(rank=4))
+    paths = {id(m): n for n, m in wrapped.model.model.diffusion_model.named_modules()}
+    for module, lora in attached:  # the previous path: W + delta in every op's weight cast
+        wrapped.model.add_weight_wrapper(f"diffusion_model.{paths[id(module)]}.weight", lora)
+    (x0, grads), (x0_ref, grads_ref) = outputs(bypass), outputs(wrapped)
+    torch.testing.assert_close(x0, x0_ref, rtol=1e-5, atol=1e-5)
+    g, e = torch.cat([g.flatten() for g in grads]), torch.cat([e.flatten() for e in grads_ref])
+    assert (g - e).norm() < 1e-4 * e.norm() and e.norm() > 0  # float32 summation order differs, nothing else
+
+
+def check_decode_paths(backend, z):
+    """Per image and per block vs the whole decoder as one checkpoint: the same images and latent gradient, and
+    a lower peak of live tensors through forward and backward."""
+    def run(decode):
+        latent = z.clone().requires_grad_(True)
+        with LiveBytes() as memory:
+            images = decode(latent)
+            grad, = torch.autograd.grad((images * torch.linspace(0, 1, images.numel()).view_as(images)).sum(), latent)
+        return images.detach(), grad, memory.peak
+    blocks = run(lambda latent: backend.decode(latent, checkpoint=True))
+    whole = run(lambda latent: checkpointed(lambda x: backend.decode(x, checkpoint=False), latent))
+    torch.testing.assert_close(blocks[0], whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks[1], whole[1], rtol=1e-4, atol=1e-6)
+    assert blocks[2] < whole[2], (blocks[2], whole[2])
+
+
+def test_comfyui_decode_per_image_and_block_equals_the_whole_checkpoint(comfyui, tiny_sd15):
+    import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    with torch.inference_mode():
+        objects = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    backend = TrainingBackend(*objects)
+    assert len(checkpointing.blocks(backend.vae_model.decoder, checkpointing.DECODER_BLOCKS)) > 6
+    with torch.inference_mode(False):
+        check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_diffusers_decode_per_image_and_block_equals_the_whole_checkpoint(tmp_path):
+    from comfy_draft.backends.diffusers import TrainingBackend
+    backend = TrainingBackend.from_pipeline(tiny_pipeline(tmp_path), device="cpu")
+    assert len(checkpointing.blocks(backend.vae.decoder, checkpointing.DECODER_BLOCKS)) > 4
+    check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+
+
+# ----- UNet blocks, batched DRaFT-LV copies, the checkpointing policy ------------------------------------------------
+def lv_outputs(backend, checkpoint, batched, seed=0):
+    """DRaFT-LV's n = 2 predictions and the LoRA gradient of a weighted sum of them, through `backend.run`."""
+    from comfy_draft.sampling import denoise_renoised
+    shape = backend.latent_shape(1, 16, 16)
+    g = torch.Generator().manual_seed(seed)
+    noise, noises = torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(2)]
+    params = list(backend.loras.parameters())
+
+    def fn(model, x, sigmas):
+        with torch.inference_mode(False), torch.enable_grad():
+            x0s = denoise_renoised(model, x.detach(), sigmas[-2], noises, checkpoint=False, batched=batched)
+            loss = sum((i + 1) * x0.square().mean() for i, x0 in enumerate(x0s))
+            out["x0s"], out["grads"] = torch.cat(x0s).detach(), torch.autograd.grad(loss, params)
+        return x
+    out = {}
+    backend.run(fn, ["a red apple"], "", 3.0, noise, 3, checkpoint=checkpoint)
+    return out["x0s"], torch.cat([g.flatten() for g in out["grads"]])
+
+
+def check_same(reference, *others):
+    for x0s, grads in others:
+        torch.testing.assert_close(x0s, reference[0], rtol=1e-5, atol=1e-5)
+        assert (grads - reference[1]).norm() <= 1e-4 * reference[1].norm() and reference[1].norm() > 0
+
+
+def test_unet_blocks_and_batched_copies_equal_the_plain_path_diffusers(tmp_path):
+    from tiny_diffusers import tiny_pixel_backend
+    backend = tiny_pixel_backend(tmp_path)
+    nonzero(backend.add_loras(rank=4))
+    assert len(checkpointing.blocks(backend.unet, checkpointing.UNET_BLOCKS)) > 4
+    check_same(lv_outputs(backend, False, False), lv_outputs(backend, True, False),
+               lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
+
+
+def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, tiny_sd15):
+    import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    with torch.inference_mode():
+        objects = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
+    backend = TrainingBackend(*objects)
+    nonzero(backend.add_loras(rank=4))
+    assert len(checkpointing.blocks(backend.model.model.diffusion_model, checkpointing.UNET_BLOCKS)) > 4
+    check_same(lv_outputs(backend, False, False), lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
+
+
+def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
+    """The policy a CUDA device gets, simulated on the CPU with a given device memory."""
+    from test_trainer import config
+    from tiny_diffusers import tiny_pixel_backend
+
+    from comfy_draft import memory, rewards
+    from comfy_draft.trainer import Trainer
+    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
+                      config(width=32, height=32, batch_size=2, lv_samples=2))
+    assert trainer.config.checkpointing == "auto" and trainer.checkpointing is True  # CPU: no device budget
+    probed = memory.probe(trainer)
+    off, on = (memory.estimate(trainer, c, probed)["total"] for c in (False, True))
+    assert on < off
+    assert memory.checkpointing_policy(trainer, device_total=off / 0.89) is False
+    assert memory.checkpointing_policy(trainer, device_total=on / 0.89) is True
+    assert memory.checkpointing_policy(trainer, device_total=on / 0.95) == "blocks"
+    for forced, total in ((True, 10 * off), (False, on / 2), ("blocks", 10 * off)):
+        trainer.config.checkpointing = forced  # the user's choice stands (True: at least each call)
+        assert memory.checkpointing_policy(trainer, device_total=total) is forced
+    with pytest.raises(ValueError, match="checkpointing must be"):
+        config(checkpointing="sometimes").validate()
