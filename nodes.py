@@ -72,8 +72,10 @@ class DRaFTPGRAFTSampler:
     def INPUT_TYPES(cls):
         inputs = DRaFTDDIMSampler.INPUT_TYPES()
         inputs["required"].update({
-            "lora_name": (folder_paths.get_filename_list("loras"),),
-            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01}),
+            "lora_name": (folder_paths.get_filename_list("loras"),
+                          {"tooltip": "A LoRA trained with pgraft (its file records the step t)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01,
+                                   "tooltip": "The LoRA's strength above t (below t the base model runs)."}),
             "lora_fraction": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Fraction of the steps (from the first) with the LoRA on; 0: the "
                                                    "t the LoRA was trained for (its metadata)."}),
