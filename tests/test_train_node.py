@@ -23,8 +23,8 @@ def train_prompt(ckpt, steps=3, lora_name="draft/test", sampling_steps=4, seed=0
             "prompts": "a red apple\na blue car", "negative_prompt": "", "variant": "draft-lv",
             "training_steps": steps, "sampling_steps": sampling_steps, "cfg": 5.0, "width": 64, "height": 64,
             "batch_size": 1, "learning_rate": 0.05, "rank": 4, "seed": seed, "lora_name": lora_name,
-            "options": ["11", 0]}},
-        "11": training_options(**options),
+            "options": ["20", 0]}},
+        "20": training_options(**options),
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -243,9 +243,9 @@ def test_strength_sweep_node_agrees_with_the_library(comfyui, tiny_sd15):
 
 def resume_prompt(ckpt, lora_name, steps, resume_state="none", lr=0.05):
     prompt = train_prompt(ckpt, steps=steps, lora_name=lora_name, sampling_steps=3)
-    prompt = {k: prompt[k] for k in ("1", "2", "3", "11")}
+    prompt = {k: prompt[k] for k in ("1", "2", "3", "20")}
     prompt["3"]["inputs"].update(resume_state=resume_state, learning_rate=lr)
-    prompt["11"]["inputs"]["save_every"] = 1
+    prompt["20"]["inputs"]["save_every"] = 1
     return prompt
 
 
