@@ -133,7 +133,8 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
     """Peak bytes of one DRaFT-LV step (batch 1): a dict of its parts (see the module docstring).
 
     decode: "blocks" (per image, each decoder block checkpointed), "whole" (the decoder as one checkpoint, the
-    previous path) or "off". unet_checkpoint: "call" (each guided call), "blocks" (each UNet block) or "off".
+    previous path) or "off". unet_checkpoint: "call" (each guided call), "blocks" (each UNet block inside each
+    call) or "off".
     lv_batched: the n re-noised copies as one guided call of batch n.
     """
     from comfy_draft import checkpointing
@@ -156,30 +157,33 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
             uncond, cond = eps.chunk(2)
             return x - sigma * (uncond + 7.5 * (cond - uncond))
 
+        # As the backends run them: "blocks" nests each UNet block's checkpoint inside the call's.
+        call = checkpointing.within(guided, checkpointing.blocks(unet, checkpointing.UNET_BLOCKS)) \
+            if unet_checkpoint == "blocks" else guided
+
         def model(x, sigma):
-            return checkpointed(guided, x, sigma, enabled=unet_checkpoint == "call")
+            return checkpointed(call, x, sigma, enabled=unet_checkpoint != "off")
 
         def decode_one(z):
             return vae.decode(z.to(dtype)).float()
 
         def decode_images(x0):
             if decode == "blocks":
-                images = checkpointing.per_image(decode_one, x0, checkpointing.blocks(vae.decoder, checkpointing.DECODER_BLOCKS))
+                blocks = checkpointing.blocks(vae.decoder, checkpointing.DECODER_BLOCKS)
+                images = checkpointing.per_image(decode_one, x0, blocks)
             else:
                 images = checkpointed(decode_one, x0, enabled=decode == "whole")
             return ((images + 1) / 2).clamp(0, 1)
 
         sigma = torch.tensor(0.03)
         x0 = torch.empty(latent, device="meta")
-        unet_blocks = checkpointing.blocks(unet, checkpointing.UNET_BLOCKS)
 
         prefix = LiveBytes()
         with torch.no_grad(), prefix, tagging(prefix, unet=unet):
             model(torch.empty(latent, device="meta"), sigma)
 
         step = LiveBytes()
-        with torch.enable_grad(), step, tagging(step, unet=unet, decode=vae, reward=reward), \
-                checkpointing.each(unet_blocks, enabled=unet_checkpoint == "blocks"):
+        with torch.enable_grad(), step, tagging(step, unet=unet, decode=vae, reward=reward):
             noises = [torch.empty(latent, device="meta") for _ in range(lv_samples)]
             if lv_batched:
                 x0s = model(torch.cat([x0 + sigma * eps for eps in noises]), sigma).chunk(lv_samples)

@@ -7,7 +7,9 @@
    POST /prompt: DRaFTTrainLoRA, 3 DRaFT-LV steps, 20 sampling steps, batch 1, on SD1.5 at 512 and SDXL at
    1024; then each saved LoRA through LoraLoaderModelOnly into DRaFTDDIMSampler, next to the base model
    (the latents must differ, be finite, and the log must not say "lora key not loaded").
-4. Runs bench/speed.py on both models (draft-lv, 50 steps; --speed-args to change).
+4. Runs bench/speed.py on both models (draft-lv, 50 steps; --speed-args to change), which compares each step's
+   torch.cuda.max_memory_allocated with the CPU tensor accounting of the same configuration
+   (bench/results/speed_real_cpu.json, issue 14) and reports the ratio ("accounting_ratio").
 Step times come from the node's comfy_draft.train_step websocket events; peak GPU memory from NVML (or
 nvidia-smi) polling of the whole GPU's memory.used, per phase, minus the reading before the server started.
 Results: <out>/gpu_check.json and .md, speed.py's as <out>/gpu_check_speed.*, the server log as
@@ -338,7 +340,8 @@ def run_speed(args, cfg, env, out, deadline):
         for name, m in json.loads(path.read_text())["models"].items():
             s, variants = m.get("sampling"), m.get("variants", {})
             result[name] = {"ksampler_over_ours": s.get("ratio") if isinstance(s, dict) else s,
-                            **{v: r if r == "OOM" else {k: r.get(k) for k in ("step_s", "overhead_ratio", "peak_gb")}
+                            **{v: r if r == "OOM" else {k: r.get(k) for k in ("step_s", "overhead_ratio", "peak_gb",
+                                                                                "checkpointing", "accounting_ratio")}
                                for v, r in variants.items()}}
     return result
 

@@ -467,6 +467,7 @@ def measure_variant(model, clip, vae, reward, variant, res, args, device):
               "phases_s": {p: statistics.median([s.get(p, 0.0) for s in steps]) for p in steps[0]},
               "units_s": units, "unavoidable_s": parts, "unavoidable_total_s": sum(parts.values()),
               "overhead_ratio": statistics.median(totals) / sum(parts.values())}
+    result["checkpointing"] = trainer.checkpointing  # as resolved by the policy
     if device.type == "cuda":  # GB = 10^9 bytes, the unit of the issue's targets
         result["peak_gb"] = max(peaks) / 1e9
         result["resident_gb"] = resident / 1e9  # weights, LoRA and optimizer state before a step
@@ -579,6 +580,7 @@ def markdown(results):
                       f"{e['training'] / GIB:.3f}, activations {e['activations'] / GIB:.2f}).", ""]
         lines.append("")
     lines += accounting_markdown(results.get("accounting"))
+    lines += accounting_vs_cuda(results)
     lines += ["Phases (seconds, medians over the measured steps): sampling = no-grad UNet calls; differentiated = "
               "forward of the differentiated calls; backward includes recomputing checkpointed UNet calls and the "
               "decoder; other = prompt/noise draw and ComfyUI's sampling setup and cleanup. Overhead ratio = step "
@@ -609,6 +611,29 @@ def accounting_markdown(rows):
                      f"| {r['training'] / GIB:.3f} | {r['step_live_peak'] / GIB:.2f} | {split} "
                      f"| {r['prefix_transient'] / GIB:.2f} | {r['decoder_alone'] / GIB:.2f} |")
     return lines + [""]
+
+
+def accounting_vs_cuda(results):
+    """On CUDA: each real-size draft-lv (n = 2) step's torch.cuda.max_memory_allocated against the CPU tensor
+    accounting of the configuration it ran with (its resolved checkpointing)."""
+    rows = results.get("accounting") or []
+    if results["env"]["device"] != "cuda" or not rows or results["args"]["batch_size"] != 1:
+        return []
+    lines = ["## CPU tensor accounting vs CUDA's max_memory_allocated", "",
+             "| model | configuration | CPU accounting GiB | CUDA peak GiB | CUDA / accounting |", "|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        r = m.get("variants", {}).get("draft-lv (n=2)")
+        if not isinstance(r, dict) or "peak_gb" not in r or m["resolution"] != RESOLUTION["real"].get(name):
+            continue
+        config = RUNS_AS.get(r.get("checkpointing"))
+        row = next((a for a in rows if a["model"] == name and a["config"] == config), None)
+        if row is not None:
+            peak = r["peak_gb"] * 1e9
+            r["accounting_ratio"] = peak / row["total"]
+            lines.append(f"| {name} {m['resolution']} | {config} | {row['total'] / GIB:.2f} | {peak / GIB:.2f} "
+                         f"| **{r['accounting_ratio']:.3f}** |")
+    return lines + ["", "The accounting counts live tensors only (bf16 throughout); CUDA adds the caching "
+                    "allocator's rounding and fragmentation, kernel workspaces, and keeps the model's own dtype.", ""]
 
 
 def target_checks(results):

@@ -4,8 +4,8 @@ recomputed there, so a backward pass holds the block boundaries plus one block's
 The VAE decoder for the reward is checkpointed this way (one image at a time: `backends.*.decode`); the UNet too
 when `TrainConfig.checkpointing` is "blocks" (chosen by `memory.checkpointing_policy` under "auto"). Both nest the
 block checkpoints inside one checkpoint per image or per UNet call, so only one image's or call's block boundaries
-are held at a time; the price is one more forward of that image's decoder or that call. Blocks are found by class name,
-the same rule for ComfyUI's and diffusers' models, without re-implementing their forward passes.
+are held at a time; the price is one more forward of that image's decoder or that call. Blocks are found by class
+name, the same rule for ComfyUI's and diffusers' models, without re-implementing their forward passes.
 """
 import contextlib
 import copy

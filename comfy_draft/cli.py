@@ -172,8 +172,9 @@ def train_parser(sub):
     p.add_argument("--print-every", type=int, default=10,
                    help="without a terminal: a line every N steps (and the first, the last, validations)")
     p.add_argument("--log-dir", help="also write a TensorBoard log into this folder (needs tensorboard installed)")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                   help="keep activations instead of recomputing them (faster, more memory)")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", default="auto",
+                   help="keep activations instead of recomputing them (faster, more memory; default: recompute "
+                        "only what the memory estimate says the GPU needs)")
     v = ValidationConfig(prompts=[""])
     p.add_argument("--val-prompts", nargs="+", help="held-out prompts: validate every --val-every steps")
     p.add_argument("--val-seeds", type=int, default=len(v.seeds), help="held-out samples per prompt")

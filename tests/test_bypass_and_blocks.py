@@ -167,6 +167,7 @@ def test_unet_blocks_and_batched_copies_equal_the_plain_path_diffusers(tmp_path)
                lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
 
 
+@pytest.mark.slow
 def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, tiny_sd15):
     import comfy.sd
 
@@ -177,9 +178,11 @@ def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, ti
     backend = TrainingBackend(*objects)
     nonzero(backend.add_loras(rank=4))
     assert len(checkpointing.blocks(backend.model.model.diffusion_model, checkpointing.UNET_BLOCKS)) > 4
-    check_same(lv_outputs(backend, False, False), lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
+    check_same(lv_outputs(backend, False, False), lv_outputs(backend, "blocks", False),
+               lv_outputs(backend, False, True))
 
 
+@pytest.mark.slow
 def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
     """The policy a CUDA device gets, simulated on the CPU with a given device memory."""
     from test_trainer import config

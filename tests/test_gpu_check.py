@@ -109,3 +109,22 @@ def test_prompts_pass_comfyuis_validation_with_the_nodes_as_they_are(comfyui, ti
     for prompt in prompts:
         valid = comfyui.loop.run_until_complete(comfyui._execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         assert valid[0], valid[1:]
+
+
+def test_cuda_peak_is_compared_with_the_cpu_accounting_of_the_configuration_it_ran():
+    """Dry run of the GPU side of issue 14: speed.py's comparison of max_memory_allocated with the committed CPU
+    tensor accounting, on a CUDA-shaped results dict (the trainer's resolved checkpointing picks the row)."""
+    import json
+    speed = load(REPO / "bench" / "speed.py")
+    rows = json.loads((REPO / "bench" / "results" / "speed_real_cpu.json").read_text())["accounting"]
+    configs = {(r["model"], r["config"]) for r in rows}
+    assert configs >= {(m, c) for m in ("sd15", "sdxl") for c in speed.RUNS_AS.values()}
+    results = {"env": {"device": "cuda"}, "args": {"batch_size": 1}, "accounting": rows, "models": {
+        name: {"resolution": speed.RESOLUTION["real"][name],
+               "variants": {"draft-lv (n=2)": {"peak_gb": 5.0, "checkpointing": checkpointing}}}
+        for name, checkpointing in (("sd15", True), ("sdxl", "blocks"))}}
+    lines = "\n".join(speed.accounting_vs_cuda(results))
+    for name, config in (("sd15", speed.RUNS_AS[True]), ("sdxl", speed.RUNS_AS["blocks"])):
+        row = next(r for r in rows if r["model"] == name and r["config"] == config)
+        ratio = results["models"][name]["variants"]["draft-lv (n=2)"]["accounting_ratio"]
+        assert abs(ratio - 5e9 / row["total"]) < 1e-9 and f"**{ratio:.3f}**" in lines
