@@ -1,4 +1,4 @@
-"""The paper's comparisons in miniature, on the bundled digit model (CPU, about 20 minutes with the defaults).
+"""The paper's comparisons in miniature, on the bundled digit model (CPU; the committed run: ~45 min, 4 processes).
 
 Every method gets the same number of reward queries (images scored). Table 1 (differentiable reward,
 adversarial): prompts ask for one digit, the reward is a classifier's log-probability of another; the DRaFT
@@ -12,7 +12,8 @@ reading, gradient norms as K grows, reward against LoRA strength, and wall time.
 plots to --out (bench/results/). Runs single-threaded: on a shared 2-core CPU one thread per process is several
 times faster than two.
 
-Run: .venv/bin/python bench/quality.py [--queries 240] [--seeds 0 1] [--tables differentiable nondifferentiable]
+Run: .venv/bin/python bench/quality.py [--queries 128] [--seeds 0 1] [--tables differentiable nondifferentiable jpeg]
+(split over processes with --methods/--tables and --out folders, then report them together with --merge FOLDERS)
 """
 import argparse
 import json
