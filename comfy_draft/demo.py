@@ -5,7 +5,8 @@ the reward is a classifier's log-probability of another, so the LoRA learns to d
 the way the classifier reads the target. `--target prompted` rewards prompt alignment instead.
 
 `--control` picks a control against reward hacking (docs/robust_rewards.md): DEFAULT_CONTROL below is the best
-setting measured by bench/hacking.py --robust at this budget (so far plain DRaFT-LV, the only one measured there). The verdict printed before and after is the judge's (a
+setting measured by bench/hacking.py --robust at this budget (the soft-min ensemble with a second classifier);
+`--control plain` is plain DRaFT-LV. The verdict printed before and after is the judge's (a
 classifier trained on digits neither the model nor the rewards saw): how often it reads the goal digit and how often
 it is confident the sample is a digit at all.
 """
@@ -38,7 +39,7 @@ CONFIDENT = 0.9  # judge top-class probability from which a sample counts as con
 CONTROLS = {"plain": (False, False, 0.0), "kl": (False, False, 3.0), "eot": (True, False, 0.0),
             "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, 3.0),
             "ensemble+kl": (False, True, 3.0), "eot+ensemble+kl": (True, True, 3.0)}
-DEFAULT_CONTROL = "plain"  # the best measured; see docs/robust_rewards.md before changing it
+DEFAULT_CONTROL = "ensemble"  # the best measured (docs/robust_rewards.md); "plain" is plain DRaFT-LV
 
 
 def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None,
