@@ -35,7 +35,7 @@ class CountingUNet:
 
 
 @pytest.mark.parametrize("variant,k,expected", [
-    ("draft", 1, 6), ("draft-k", 1, 1), ("draft-k", 3, 3), ("draft-lv", 1, 2), ("refl", 1, 1), ("alignprop", 1, None)])
+    ("draft", 1, 6), ("draft-k", 1, 1), ("draft-k", 3, 3), ("draft-lv", 1, 1), ("refl", 1, 1), ("alignprop", 1, None)])
 def test_variant_semantics_and_lora_gradients(tmp_path, variant, k, expected):
     backend = tiny_pixel_backend(tmp_path)
     trainer = Trainer(backend, rewards.builtin_reward("brightness"),
@@ -47,7 +47,8 @@ def test_variant_semantics_and_lora_gradients(tmp_path, variant, k, expected):
     else:
         assert counter.grad_calls == expected  # cond and uncond share one batched UNet call
     if variant == "draft-lv":
-        assert counter.calls == 6 + 2  # the no-grad chain, then n differentiated re-noised calls
+        # the no-grad chain, then the n re-noised copies in one differentiated call (batched without checkpointing)
+        assert counter.calls == 6 + 1
     ups = [lora.up.grad for lora in trainer.loras.values()]
     downs = [lora.down.grad for lora in trainer.loras.values()]
     assert all(g is not None and torch.isfinite(g).all() for g in ups + downs)
