@@ -25,6 +25,14 @@ if "reward_models" not in folder_paths.folder_names_and_paths:
         [os.path.join(folder_paths.models_dir, "reward_models")], REWARD_EXTENSIONS)
 
 
+def latent_output(latent_image, samples):
+    """A sampler node's LATENT: the input latent's other entries, as KSampler keeps them, with the new samples."""
+    out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
+                                dtype=comfy.model_management.intermediate_dtype())
+    return out
+
+
 class DRaFTDDIMSampler:
     """DDIM (eta = 0) with classifier-free guidance: the exact sampling path DRaFT differentiates."""
 
@@ -52,10 +60,7 @@ class DRaFTDDIMSampler:
         callback = latent_preview.prepare_callback(model, steps)
         samples = backend.sample(model, positive, negative, latent_image, seed, steps, cfg,
                                  callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-        out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
-        out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
-                                    dtype=comfy.model_management.intermediate_dtype())
-        return (out,)
+        return (latent_output(latent_image, samples),)
 
 
 class DRaFTPGRAFTSampler:
@@ -93,10 +98,7 @@ class DRaFTPGRAFTSampler:
         samples = backend.sample_switched(lora_model, model, positive, negative, latent_image, seed, steps, cfg,
                                           fraction, callback=callback,
                                           disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-        out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
-        out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
-                                    dtype=comfy.model_management.intermediate_dtype())
-        return (out,)
+        return (latent_output(latent_image, samples),)
 
 
 # 0 = the model's own training size (SD1.x 512, SD2.x 768-v 768, SDXL 1024).
@@ -750,10 +752,7 @@ class DRaFTAIGSampler:
         samples = backend.sample_aig(base_model, model, positive, negative, latent_image, seed, steps, cfg,
                                      schedule, p, f, callback=callback,
                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
-        out = {k: v for k, v in latent_image.items() if not k.startswith("downscale_ratio")}
-        out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
-                                    dtype=comfy.model_management.intermediate_dtype())
-        return (out,)
+        return (latent_output(latent_image, samples),)
 
 
 class DRaFTAIGSweep:

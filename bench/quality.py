@@ -146,7 +146,7 @@ def report(runs, table, args):
                 "prompted digit (do the digits stay legible?)")
     else:
         head = ("Prompt alignment without gradient: prompts \"a 0\" .. \"a 9\", reward 1 if the reward classifier's "
-                f"argmax is the prompted digit, else 0 (no gradient); held-out: \"the digit zero\" .. \"nine\"")
+                "argmax is the prompted digit, else 0 (no gradient); held-out: \"the digit zero\" .. \"nine\"")
     lines = [f"{head}; {args.queries} reward queries per run, {args.sampling_steps} DDIM steps, cfg {cfg}, lr "
              f"{args.lr}, seeds {args.seeds}; held-out: unseen wording and {len(seeds)} unseen seeds per prompt. "
              f"Judge: a classifier trained on digits neither the model nor the reward saw.", "",

@@ -93,24 +93,14 @@ def test_pgraft_example_workflow_with_hook_keyframes_samples_as_the_pgraft_sampl
     """The example's ordinary KSampler with a LoRA hook dropping to 0 at the file's start_percent gives the DRaFT
     P-GRAFT Sampler's latent (LoRA above t, base below), which differs from the LoRA's and the base model's."""
     import json
-    import pathlib
 
-    import comfy.sd
     from safetensors.torch import load_file
+    from test_workflows import random_lora_file
     from ui_workflows import REPO, ui_to_api
 
-    from comfy_draft.backends.comfyui import TrainingBackend
     from comfy_draft.policy import comfy_start_percent
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
-    loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
-    with torch.no_grad():
-        for lora in loras.values():
-            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "draft"
-    loras.save(folder / "pgraft_example.safetensors", {"comfy_draft_variant": "pgraft",
-                                                        "comfy_draft_pgraft_fraction": "0.6"}, overwrite=True)
+    random_lora_file(comfyui, tiny_sd15, "pgraft_example.safetensors",
+                     {"comfy_draft_variant": "pgraft", "comfy_draft_pgraft_fraction": "0.6"})
 
     def latent(prompt, node, name):
         prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": name}}

@@ -14,6 +14,22 @@ def load(name):
     return json.loads((WORKFLOWS / name).read_text())
 
 
+def random_lora_file(comfyui, ckpt, name, metadata=None):
+    """A LoRA for the checkpoint with random (non-zero) up weights, saved as loras/draft/<name>."""
+    import comfy.sd
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(comfyui.folder_paths.get_full_path("checkpoints", ckpt)))[:3]
+    loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "draft"
+    loras.save(folder / name, metadata, overwrite=True)
+
+
 def install_tiny_aesthetic_files(comfyui):
     """Tiny stand-ins under the real file names, in the real layouts (MLP .pth + open_clip tower)."""
     folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("reward_models")[0])
@@ -51,18 +67,7 @@ def test_training_example_runs_on_the_tiny_checkpoint(comfyui, tiny_sd15):
 @pytest.mark.slow
 def test_annealed_lora_strength_lies_between_base_and_full_strength(comfyui, tiny_sd15):
     """The hook-keyframe workflow runs, and its samples differ from both the base model's and the LoRA's."""
-    import comfy.sd
-
-    from comfy_draft.backends.comfyui import TrainingBackend
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
-    loras = TrainingBackend(model, clip, vae).add_loras(rank=4)
-    with torch.no_grad():
-        for lora in loras.values():
-            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-    folder = pathlib.Path(comfyui.folder_paths.get_folder_paths("loras")[0]) / "draft"
-    loras.save(folder / "annealed.safetensors", overwrite=True)
+    random_lora_file(comfyui, tiny_sd15, "annealed.safetensors")
 
     def latent(start, end):
         prompt = ui_to_api(load("anneal_lora_strength.json"), comfyui.nodes.NODE_CLASS_MAPPINGS)
