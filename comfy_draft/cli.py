@@ -379,7 +379,7 @@ def main(argv=None):
         try:
             train(args)
         finally:
-            distributed.shutdown()
+            distributed.shutdown(wait=sys.exc_info()[0] is None)  # after a failure the others may never arrive
     elif args.command == "train":
         train(args)
     elif args.command == "sweep":

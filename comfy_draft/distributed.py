@@ -60,8 +60,12 @@ def setup(device=None):
     return str(device)
 
 
-def shutdown():
+def shutdown(wait=True):
+    """Leave the process group; with `wait`, once every process has finished (a gloo process that exits while rank 0
+    still writes its files was seen to abort: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

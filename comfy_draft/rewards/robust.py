@@ -155,7 +155,8 @@ class ExpectationOverTransforms(Reward):
 @contextlib.contextmanager
 def seeded(reward, step_seed):
     """Every EOT wrapper inside `reward` draws from `step_seed` (see the module docstring) for the duration."""
-    wrappers = [m for m in reward.modules() if isinstance(m, ExpectationOverTransforms)]
+    modules = reward.modules() if isinstance(reward, torch.nn.Module) else ()  # any callable scores too
+    wrappers = [m for m in modules if isinstance(m, ExpectationOverTransforms)]
     for m in wrappers:
         m.set_step_seed(step_seed)
     try:
