@@ -285,39 +285,62 @@ class DRaFTLoRAStrengthSweep:
             **base_model_inputs(),
             "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The LoRA to evaluate."}),
             "reward": ("DRAFT_REWARD", {"tooltip": "The reward the LoRA was trained on."}),
-            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
-                                   "tooltip": "Held-out prompts, one per line."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": NEGATIVE_TOOLTIP}),
+            **held_out_prompt_inputs(),
             "strengths": ("STRING", {"default": "0, 0.25, 0.5, 0.75, 1, 1.5",
                                      "tooltip": "LoRA strengths, comma separated (0: the base model; above 1 "
                                                 "extrapolates)."}),
-            "seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
-            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                   "tooltip": "Seeds first_seed, first_seed + 1, ...; the same for every strength."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM sampling steps."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                              "tooltip": "Classifier-free guidance scale."}),
-            "width": SIZE_INPUT,
-            "height": SIZE_INPUT,
+            **held_out_sample_inputs(),
         }, "optional": judge_inputs(2)}
 
     def sweep(self, model, clip, vae, lora_name, reward, prompts, negative_prompt, strengths, seeds, first_seed,
               steps, cfg, width, height, **judges):
-        try:
-            values = [float(v) for v in strengths.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"strengths: give numbers separated by commas, got {strengths!r}") from None
-        if not values or not lines(prompts):
-            raise ValueError("give at least one strength and one prompt")
+        values = sweep_values(strengths, "strengths", "strength", prompts)
         lora = load_kohya_file(folder_paths.get_full_path_or_raise("loras", lora_name))[0]
         backends = ((s, backend.SamplingBackend(comfy.sd.load_lora_for_models(model, None, lora, s, 0)[0], clip, vae))
                     for s in values)
-        size = backend.native_size(model)
-        rows, images = strength_sweep(backends, reward, lines(prompts), seed_list(first_seed, seeds), negative_prompt,
-                                      cfg, steps, width or size, height or size, judges)
-        table = sweep_table(rows)
-        grid = torch.from_numpy(image_grid(images, len(images) // len(values))).float().div(255)[None]
+        rows, table, grid = held_out_sweep(backends, len(values), model, reward, prompts, negative_prompt, seeds,
+                                           first_seed, steps, cfg, width, height, judges)
         return {"ui": {"text": [f"{lora_name}\n{table}"], "rows": rows}, "result": (table, grid)}
+
+
+def sweep_values(text, name, what, prompts):
+    """The numbers of a sweep's comma-separated `text` input, with at least one prompt, or a clear error."""
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{name}: give numbers separated by commas, got {text!r}") from None
+    if not values or not lines(prompts):
+        raise ValueError(f"give at least one {what} and one prompt")
+    return values
+
+
+def held_out_sweep(backends, count, model, reward, prompts, negative_prompt, seeds, first_seed, steps, cfg, width,
+                   height, judges, row_key="strength"):
+    """`strength_sweep` over (value, backend) pairs at the model's native size where width/height are 0: the rows
+    (the value under `row_key`), their Markdown table and an IMAGE grid with one row per value."""
+    size = backend.native_size(model)
+    rows, images = strength_sweep(backends, reward, lines(prompts), seed_list(first_seed, seeds), negative_prompt,
+                                  cfg, steps, width or size, height or size, judges)
+    rows = [{row_key: r.pop("strength"), **r} for r in rows]
+    grid = torch.from_numpy(image_grid(images, len(images) // count)).float().div(255)[None]
+    return rows, sweep_table(rows), grid
+
+
+def held_out_prompt_inputs():
+    return {"prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
+                                   "tooltip": "Held-out prompts, one per line."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": NEGATIVE_TOOLTIP})}
+
+
+def held_out_sample_inputs():
+    return {"seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
+            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                   "tooltip": "Seeds first_seed, first_seed + 1, ...; the same for every value."}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM sampling steps."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                              "tooltip": "Classifier-free guidance scale."}),
+            "width": SIZE_INPUT,
+            "height": SIZE_INPUT}
 
 
 # node id -> its latest run's chart data ({"total", "diversity_floor", "kept_step", "steps": [metrics]}), so the
@@ -773,42 +796,25 @@ class DRaFTAIGSweep:
             "clip": ("CLIP", {"tooltip": "Encodes the prompts."}),
             "vae": ("VAE", {"tooltip": "Decodes the samples for the reward."}),
             "reward": ("DRAFT_REWARD", {"tooltip": "The reward to report (usually the training reward)."}),
-            "prompts": ("STRING", {"multiline": True, "default": "a portrait of an old sailor\na bowl of fruit",
-                                   "tooltip": "Held-out prompts, one per line."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "For every sample."}),
+            **held_out_prompt_inputs(),
             "schedule": (["power_p", "step_f"], {"tooltip": "Which parameter is swept: p of power_p or f of step_f."}),
             "values": ("STRING", {"default": "0, 1, 2, 4",
                                   "tooltip": "The parameter values, comma separated."}),
-            "seeds": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Samples per prompt."}),
-            "first_seed": ("INT", {"default": FIRST_HELD_OUT_SEED, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                   "tooltip": "Seeds first_seed, first_seed + 1, ..."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "DDIM steps."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance scale."}),
-            "width": SIZE_INPUT,
-            "height": SIZE_INPUT,
+            **held_out_sample_inputs(),
         }, "optional": judge_inputs(2)}
 
     def sweep(self, base_model, model, clip, vae, reward, prompts, negative_prompt, schedule, values, seeds,
               first_seed, steps, cfg, width, height, **judges):
-        try:
-            numbers = [float(v) for v in values.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"values: give numbers separated by commas, got {values!r}") from None
-        if not numbers or not lines(prompts):
-            raise ValueError("give at least one value and one prompt")
+        numbers = sweep_values(values, "values", "value", prompts)
         key = "p" if schedule == "power_p" else "f"
         lora_backend = backend.AIGSamplingBackend(base_model, model, clip, vae, schedule)  # one copy for the sweep
-        size = backend.native_size(model)
 
         def backends():
             for v in numbers:
                 setattr(lora_backend, key, v)
                 yield v, lora_backend
-        rows, images = strength_sweep(backends(), reward, lines(prompts), seed_list(first_seed, seeds),
-                                      negative_prompt, cfg, steps, width or size, height or size, judges)
-        rows = [{key: r.pop("strength"), **r} for r in rows]
-        table = sweep_table(rows)
-        grid = torch.from_numpy(image_grid(images, len(images) // len(numbers))).float().div(255)[None]
+        rows, table, grid = held_out_sweep(backends(), len(numbers), model, reward, prompts, negative_prompt, seeds,
+                                           first_seed, steps, cfg, width, height, judges, row_key=key)
         return {"ui": {"text": [f"AIG {schedule}\n{table}"], "rows": rows}, "result": (table, grid)}
 
 
