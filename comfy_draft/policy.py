@@ -165,14 +165,6 @@ def shaped_denoising_loss(model, x_t, sigma_t, sigma, noise):
 
 
 # ----- the trainer's micro-batch for these variants ------------------------------------------------------------
-def draw(config, backend, g, per_prompt=1):
-    """A micro-batch's prompts (each repeated `per_prompt` times) and start noise, from `g` (as DRaFT draws them)."""
-    prompts = [config.prompts[i] for i in torch.randint(len(config.prompts), (config.batch_size,), generator=g)]
-    prompts = [p for p in prompts for _ in range(per_prompt)]
-    noise = torch.randn(backend.latent_shape(len(prompts), config.height, config.width), generator=g)
-    return prompts, noise
-
-
 def micro_batch(trainer, g, index):
     """One micro-batch of a `ddpo`, `graft` or `pgraft` step: a new round every `inner_epochs` steps, then the
     variant's loss on it, backpropagated. Returns the trainer's micro-batch dict (rewards (1, n), loss, kl,
@@ -189,7 +181,7 @@ def micro_batch(trainer, g, index):
 
 def ddpo_round(trainer, g):
     c, backend = trainer.config, trainer.backend
-    prompts, noise = draw(c, backend, g)
+    prompts, noise = trainer.draw(g)
     out = {}
 
     def fn(model, x, sigmas):
@@ -248,7 +240,7 @@ def graft_round(trainer, g):
     finished sample's reward; keeps the accepted x_t (GRAFT: x0) and their prompts."""
     c, backend = trainer.config, trainer.backend
     n = c.samples_per_prompt
-    prompts, noise = draw(c, backend, g, per_prompt=n)
+    prompts, noise = trainer.draw(g, per_prompt=n)
     out = {}
 
     def fn(model, x, sigmas):

@@ -241,8 +241,7 @@ class Trainer:
         c = self.config
         if c.variant in policy.VARIANTS:  # no reward gradient: the variant's round of samples and its loss
             return policy.micro_batch(self, g, index)
-        prompts = [c.prompts[i] for i in torch.randint(len(c.prompts), (c.batch_size,), generator=g)]
-        noise = torch.randn(self.backend.latent_shape(c.batch_size, c.height, c.width), generator=g)
+        prompts, noise = self.draw(g)
         out = {}
 
         def fn(model, x, sigmas):
@@ -262,6 +261,13 @@ class Trainer:
 
         self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=self.checkpointing)
         return out
+
+    def draw(self, g, per_prompt=1):
+        """A micro-batch's prompts (each repeated `per_prompt` times) and start noise, from `g`."""
+        c = self.config
+        prompts = [c.prompts[i] for i in torch.randint(len(c.prompts), (c.batch_size,), generator=g)]
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        return prompts, torch.randn(self.backend.latent_shape(len(prompts), c.height, c.width), generator=g)
 
     def for_reward(self, x0):
         """x0, resized so that it decodes to `reward_resolution` pixels on its shorter side (if set)."""
