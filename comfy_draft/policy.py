@@ -33,6 +33,7 @@ import math
 import numpy as np
 import torch
 
+from .guidance import Mixed, lora_toggled
 from .sampling import sample_ddim
 
 VARIANTS = ("ddpo", "graft", "pgraft")
@@ -128,14 +129,8 @@ def lora_steps(fraction, steps):
 def sample_switched(model, x, sigmas, loras, switch_step, callback=None):
     """DDIM (eta 0, no gradient) with the LoRA on for steps 0 .. switch_step - 1 (sigmas > sigma_t) and the base
     model (LoRA at strength 0) from step `switch_step` on: P-GRAFT's sampler. switch_step = T is plain sampling."""
-    sigma_t = float(sigmas[switch_step]) if switch_step < len(sigmas) - 1 else -1.0
-
-    def switched(x, sigma, **kwargs):
-        if float(sigma.max()) > sigma_t:
-            return model(x, sigma, **kwargs)
-        with loras.disabled():
-            return model(x, sigma, **kwargs)
-    return sample_ddim(switched, x, sigmas, callback=callback)
+    weights = [1.0] * switch_step + [0.0] * (len(sigmas) - 1 - switch_step)  # AIG's mix, all or nothing per step
+    return sample_ddim(Mixed(*lora_toggled(model, loras), sigmas, weights), x, sigmas, callback=callback)
 
 
 def shaped_denoising_loss(model, x_t, sigma_t, sigma, noise):
