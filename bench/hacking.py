@@ -201,17 +201,17 @@ def robust_command(args):
         value = getattr(args, name)
         flags += [f"--{name.replace('_', '-')}", repr(value) if isinstance(value, str) else f"{value:g}"]
     flags += ["--kl-coef", *(f"{k:g}" for k in args.kl_coef), "--aig-p", *(f"{p:g}" for p in args.aig_p),
-              "--aig-on", *args.aig_on]
+              "--aig-on", *args.aig_on] + (["--name", args.name] if args.name != "hacking_robust" else [])
     return " ".join(["bench/hacking.py", *flags])
 
 
 def write_robust(out, args, base, rows):
-    """hacking_robust.json, .md (table and verdict) and .png (Pareto chart) from the rows so far."""
+    """<name>.json, .md (table and verdict) and .png (Pareto chart) from the rows so far."""
     from PIL import Image
 
     from comfy_draft.plotting import pareto_chart
 
-    name = "hacking_robust"
+    name = args.name
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "command": robust_command(args),
                                                   "threshold": THRESHOLD, "goal": GOAL, "base": base, "results": rows},
                                                  indent=1))
@@ -279,6 +279,7 @@ def main(argv=None):
     r.add_argument("--aig-p", type=float, nargs="*", default=[1.0, 3.0], help="AIG power_p values at inference")
     r.add_argument("--merge", nargs="+", metavar="FOLDER", help="only merge the hacking_robust.json of runs of "
                    "--controls subsets (e.g. run in parallel; each control is seeded alike) into --out")
+    r.add_argument("--name", default="hacking_robust", help="file stem of the results in --out")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.kl_coef_given = "--kl-coef" in argv  # --robust: replaces the controls' own KL coefficient
@@ -287,7 +288,7 @@ def main(argv=None):
     if args.merge:
         runs = [json.loads((pathlib.Path(f) / "hacking_robust.json").read_text()) for f in args.merge]
         rows = [r for run in runs for r in run["results"]]
-        vars(args).update({k: v for k, v in runs[0]["args"].items() if k not in ("out", "merge", "controls")},
+        vars(args).update({k: v for k, v in runs[0]["args"].items() if k not in ("out", "merge", "controls", "name")},
                           controls=list(dict.fromkeys(r["control"] for r in rows)))
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         print(write_robust(pathlib.Path(args.out), args, runs[0]["base"], rows))
