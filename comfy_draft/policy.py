@@ -263,7 +263,10 @@ def graft_round(trainer, g):
 
 def graft_update(trainer, round_, g):
     """The shaped denoising loss on the accepted samples, each at a sigma drawn uniformly among the schedule's
-    sigmas above sigma_t (the ones the LoRA samples at), on the conditional model (cfg 1)."""
+    sigmas above sigma_t (the ones the LoRA samples at), on the guided model at the sampling cfg: the predictor
+    the sampler uses is the one fitted to the accepted samples. (Fitting the conditional model alone, cfg 1, leaves
+    a sampler at another cfg short: at cfg 0.5 it must learn to outweigh the unconditional half. Measured on the
+    digit model's argmax task: 0.05 -> 0.41 at cfg 1 against 0.05 -> 1.00 at the sampling cfg, 256 steps.)"""
     c, backend = trainer.config, trainer.backend
     x_t, switch = round_["x_t"], round_["switch"]
     picks = torch.randint(switch, (len(x_t),), generator=g)
@@ -278,7 +281,7 @@ def graft_update(trainer, round_, g):
         out["loss"] = loss.detach().float()
         return x
 
-    backend.run(fn, round_["prompts"], c.negative_prompt, 1.0, torch.zeros(x_t.shape), c.sampling_steps,
+    backend.run(fn, round_["prompts"], c.negative_prompt, c.cfg, torch.zeros(x_t.shape), c.sampling_steps,
                 checkpoint=trainer.checkpointing)
     return out["loss"], out["loss"].new_zeros(())
 

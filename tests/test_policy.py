@@ -159,6 +159,20 @@ def test_graft_round_trains_on_exactly_the_top_k_samples_of_each_prompt(tmp_path
     np.testing.assert_allclose(trainer.reward(images).numpy(), round_["rewards"][round_["accepted"]].numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_graft_fits_the_guided_predictor_the_sampler_uses(tmp_path, cfg):
+    """The update differentiates the model at the sampling cfg: at cfg 3 each trained call is the batched cond and
+    uncond pair (the guided x0 = u + 3 (c - u)), at cfg 1 the conditional model alone."""
+    backend = tiny_pixel_backend(tmp_path)
+    trainer = Trainer(backend, rewards.builtin_reward("brightness"),
+                      config(variant="graft", samples_per_prompt=3, accepted_per_prompt=2, batch_size=2, cfg=cfg))
+    batches = []
+    backend.denoiser.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+    trainer.train_step()
+    assert batches == [(2 if cfg != 1 else 1) * 2 * 2]  # one update: 2 prompts x K = 2 accepted
+
+
 class CallLog:
     """Records every denoiser call: its sigmas and whether the LoRA was on."""
 
