@@ -1,4 +1,5 @@
-"""The paper's comparisons in miniature, on the bundled digit model (CPU; the committed run: ~45 min, 4 processes).
+"""The paper's comparisons in miniature, on the bundled digit model (CPU; the committed run: ~18 min on 2 idle
+cores, as 2 processes).
 
 Every method gets the same number of reward queries (images scored). Table 1 (differentiable reward,
 adversarial): prompts ask for one digit, the reward is a classifier's log-probability of another; the DRaFT

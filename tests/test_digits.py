@@ -50,7 +50,8 @@ def test_demo_command_trains_and_writes_its_outputs(tmp_path):
 def test_quality_benchmark_runs_end_to_end_with_a_tiny_budget(tmp_path):
     from ui_workflows import REPO
     result = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--queries", "16", "--seeds", "0",
-                             "--eval-seeds", "2", "--evals", "1", "--sampling-steps", "5", "--batch-size", "2",
+                             "--no-gradient-queries", "16", "--eval-seeds", "2", "--hit-eval-seeds", "2", "--evals", "1",
+                             "--sampling-steps", "5", "--batch-size", "2",
                              "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("quality.json", "quality.md", "quality_reward_vs_queries.png", "quality_grad_norm_vs_k.png",
