@@ -513,7 +513,9 @@ class DRaFTTrainLoRA:
                 "height": SIZE_INPUT,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
                 "learning_rate": ("FLOAT", {"default": d.lr, "min": 0.0, "max": 1.0, "step": 1e-5, "round": 1e-6,
-                                            "tooltip": "AdamW learning rate of the LoRA weights."}),
+                                            "tooltip": "AdamW learning rate of the LoRA weights. On the digit model "
+                                                       "ddpo wanted more (3e-3), graft and pgraft less (3e-4; at 1e-3 "
+                                                       "they collapsed on the model's own samples): docs/methods.md."}),
                 "rank": ("INT", {"default": d.rank, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Every random choice (LoRA initialisation, prompts, noise): the same "
