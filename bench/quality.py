@@ -97,7 +97,7 @@ def run_method(table, name, overrides, seed, args, judge):
     prompts, held_out, seeds, reward, target, cfg = task(table, args)
     batch, steps, queries_per_step = schedule(overrides, args, budget(table, args))
     config = TrainConfig(prompts=prompts, steps=steps, cfg=cfg, sampling_steps=args.sampling_steps, width=16,
-                         height=16, seed=seed, weight_decay=0.0, **dict(dict(lr=args.lr), **overrides, batch_size=batch))
+                         height=16, seed=seed, weight_decay=0.0, **{"lr": args.lr, **overrides, "batch_size": batch})
     backend = digits.load_backend()
     curve, eval_seconds = [], [0.0]
     trainer = Trainer(backend, reward, config)
@@ -159,8 +159,9 @@ def report(runs, table, args):
         head = (f"Adversarial digits without gradient: prompt \"a {args.prompt_digit}\", reward 1 if the reward "
                 f"classifier's argmax is {args.target}, else 0 (no gradient)")
     lines = [f"{head}; {budget(table, args)} reward queries per run, {args.sampling_steps} DDIM steps, cfg {cfg}, lr "
-             f"{args.lr} (DDPO {DDPO['lr']:g}, GRAFT and P-GRAFT {GRAFT['lr']:g}), seeds {args.seeds}; held-out: unseen wording and {len(seeds)} unseen seeds per prompt. "
-             f"Judge: a classifier trained on digits neither the model nor the reward saw.", "",
+             f"{args.lr} (DDPO {DDPO['lr']:g}, GRAFT and P-GRAFT {GRAFT['lr']:g}), seeds {args.seeds}; held-out: "
+             f"unseen wording and {len(seeds)} unseen seeds per prompt. Judge: a classifier trained on digits "
+             f"neither the model nor the reward saw.", "",
              "| method | held-out reward before | after (mean +/- sd over seeds) | seed-to-seed gain sd | judge reads "
              "target, after | optimizer steps | mean grad norm (pre-clip) | seconds per run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -174,7 +175,8 @@ def report(runs, table, args):
                      f"| {np.mean([r['seconds'] for r in mine]):.0f} |")
     reference = methods[0]
     lines += ["", f"Reward queries to reach a held-out reward (mean curve over seeds, linear between the {args.evals} "
-              f"evaluations; '-' = not reached within {budget(table, args)}); in brackets the ratio to {reference}'s:", "",
+              f"evaluations; '-' = not reached within {budget(table, args)}); in brackets the ratio to "
+              f"{reference}'s:", "",
               "| method | " + " | ".join(f">= {t:g}" for t in spec["thresholds"]) + " |",
               "|---|" + "---|" * len(spec["thresholds"])]
     reached = {name: [queries_to_reach(*mean_curve([r for r in runs if r["method"] == name]), t)
@@ -233,7 +235,7 @@ def main():
     p.add_argument("--hit-eval-seeds", type=int, default=64, help="held-out seeds of the argmax table")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--evals", type=int, default=4, help="held-out evaluations per run")
-    p.add_argument("--eval-seeds", type=int, default=16, help="(the table without gradient: a quarter per prompt)")
+    p.add_argument("--eval-seeds", type=int, default=16, help="(the JPEG table: a quarter per prompt)")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
