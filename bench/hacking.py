@@ -151,10 +151,18 @@ def run_robust(control, args, judge, base=None):
                          height=digits.SIZE, batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=kl)
     test = dict(seeds=range(20_000, 20_000 + args.test_seeds), steps=args.test_steps)
     trainer = Trainer(backend, robust_reward(control, args), config)
+    plain_reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
+    trajectory = []  # (step, judge reads 8, judge confident) on the test set, every --trajectory steps
+
+    def judge_along(metrics, images):
+        if metrics["step"] % args.trajectory == 0:
+            scores = judged(backend, setting, judge, plain_reward, **test)
+            trajectory.append((metrics["step"], scores["judge_target"], scores["judge_confident"]))
+    if args.trajectory:
+        trainer.callbacks.append(judge_along)
     started = time.time()
     trainer.train()
-    seconds = time.time() - started
-    plain_reward = digits.DigitReward(digits.load_classifier("reward_classifier"), 8)
+    seconds = time.time() - started  # includes the trajectory's judging
     if base is None:
         with trainer.loras.disabled():
             base = judged(backend, setting, judge, plain_reward, **test)
@@ -164,7 +172,7 @@ def run_robust(control, args, judge, base=None):
         scores = judged(AIGBackend(backend, trainer.loras, "power_p", p), setting, judge, plain_reward, base, **test)
         rows.append(dict(control=control, inference=f"AIG p={p:g}", kl_coef=kl, **scores))
     for r in rows:
-        r.update(seconds=seconds, steps=config.steps, train_reward_last10=sum(
+        r.update(seconds=seconds, steps=config.steps, trajectory=trajectory, train_reward_last10=sum(
             m["reward"] for m in trainer.history[-10:]) / min(10, len(trainer.history)))
     return base, rows
 
@@ -201,7 +209,8 @@ def robust_command(args):
         value = getattr(args, name)
         flags += [f"--{name.replace('_', '-')}", repr(value) if isinstance(value, str) else f"{value:g}"]
     flags += ["--kl-coef", *(f"{k:g}" for k in args.kl_coef), "--aig-p", *(f"{p:g}" for p in args.aig_p),
-              "--aig-on", *args.aig_on] + (["--name", args.name] if args.name != "hacking_robust" else [])
+              "--aig-on", *args.aig_on] + (["--name", args.name] if args.name != "hacking_robust" else []) \
+        + (["--trajectory", str(args.trajectory)] if args.trajectory else [])
     return " ".join(["bench/hacking.py", *flags])
 
 
@@ -224,13 +233,17 @@ def write_robust(out, args, base, rows):
                                  title="prompt 3, reward log p(8): reward hacking vs transfer")
                     ).save(out / f"{name}.png")
     reached = [r for r in rows if r["goal"]]
+    paths = [f"- {r['control']}: " + ", ".join(f"step {s}: {t:.0%} / {c:.0%}" for s, t, c in r["trajectory"])
+             for r in rows if r["inference"] == "LoRA" and r.get("trajectory")]
+    paths = ["", "Along training (judge reads 8 / confident digit, on the test set):", *paths] if paths else []
     verdict = ("Goal reached by: " + ", ".join(f"{r['control']} ({r['inference']})" for r in reached) if reached
                else "No setting reaches the goal (judge reads 8 in >= 50% with >= 90% confidently digits).")
     (out / f"{name}.md").write_text(
         f"Measured with `{robust_command(args)}` (the last LoRA of each run; test set: prompts "
         f"{', '.join(repr(p) for p in settings('adversarial', 0)['test'])} (new wording), {args.test_seeds} new seeds "
         f"each, {args.test_steps} DDIM steps; training: {args.steps} steps of DRaFT-LV, batch {args.batch_size}, "
-        f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n")
+        f"{args.sampling_steps} sampling steps, lr {args.lr:g})\n\n{robust_table(base, rows)}\n\n{verdict}\n"
+        + "\n".join(paths) + ("\n" if paths else ""))
     return verdict
 
 
@@ -280,6 +293,7 @@ def main(argv=None):
     r.add_argument("--merge", nargs="+", metavar="FOLDER", help="only merge the hacking_robust.json of runs of "
                    "--controls subsets (e.g. run in parallel; each control is seeded alike) into --out")
     r.add_argument("--name", default="hacking_robust", help="file stem of the results in --out")
+    r.add_argument("--trajectory", type=int, default=0, help="also judge the LoRA on the test set every N steps")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.kl_coef_given = "--kl-coef" in argv  # --robust: replaces the controls' own KL coefficient
@@ -289,7 +303,8 @@ def main(argv=None):
         runs = [json.loads((pathlib.Path(f) / "hacking_robust.json").read_text()) for f in args.merge]
         rows = [r for run in runs for r in run["results"]]
         vars(args).update({k: v for k, v in runs[0]["args"].items() if k not in ("out", "merge", "controls", "name")},
-                          controls=list(dict.fromkeys(r["control"] for r in rows)))
+                          controls=list(dict.fromkeys(r["control"] for r in rows)),
+                          aig_on=list(dict.fromkeys(r["control"] for r in rows if r["inference"] != "LoRA")))
         pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
         print(write_robust(pathlib.Path(args.out), args, runs[0]["base"], rows))
         return

@@ -36,10 +36,10 @@ def held_out_samples(backend, prompts, seeds, cfg, steps, strength=None, sampler
 
 CONFIDENT = 0.9  # judge top-class probability from which a sample counts as confidently a digit
 # control -> (EOT, ensemble with the second classifier, KL coefficient), as measured by bench/hacking.py --robust
-CONTROLS = {"plain": (False, False, 0.0), "kl": (False, False, 3.0), "eot": (True, False, 0.0),
-            "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, 3.0),
-            "ensemble+kl": (False, True, 3.0), "eot+ensemble+kl": (True, True, 3.0)}
-DEFAULT_CONTROL = "ensemble"  # the best measured (docs/robust_rewards.md); "plain" is plain DRaFT-LV
+CONTROLS = {"plain": (False, False, 0.0), "kl": (False, False, 0.3), "eot": (True, False, 0.0),
+            "ensemble": (False, True, 0.0), "eot+ensemble": (True, True, 0.0), "eot+kl": (True, False, 0.3),
+            "ensemble+kl": (False, True, 0.3), "eot+ensemble+kl": (True, True, 0.3)}
+DEFAULT_CONTROL = "eot+ensemble+kl"  # the one measured whose samples become 8s and stay digits (robust_rewards.md)
 
 
 def evaluate(backend, reward, judge, prompts, seeds, cfg, steps, target, strength=None,
@@ -67,8 +67,9 @@ def add_parser(sub):
     p.add_argument("--out", default="demo_output", help="folder for the LoRA, reward curve, grids and log")
     p.add_argument("--prompt-digit", type=int, default=3, help="the digit the prompts ask for")
     p.add_argument("--target", default="8", help="digit the reward wants, or 'prompted' for prompt alignment")
-    # defaults: the training setting of bench/hacking.py --robust (docs/robust_rewards.md)
-    p.add_argument("--steps", type=int, default=30)
+    # defaults: the setting of bench/results/hacking_robust_120steps.md whose samples stay digits (with the default
+    # control); without KL the same budget turns them into noise that every classifier reads as an 8.
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--variant", default="draft-lv")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--cfg", type=float, default=3.0)
