@@ -4,11 +4,12 @@ By default the paper's "diffusion adversarial examples" in miniature: prompts as
 the reward is a classifier's log-probability of another, so the LoRA learns to draw the prompted digit
 the way the classifier reads the target. `--target prompted` rewards prompt alignment instead.
 
-`--control` picks a control against reward hacking (docs/robust_rewards.md): DEFAULT_CONTROL below is the best
-setting measured by bench/hacking.py --robust at this budget (the soft-min ensemble with a second classifier);
-`--control plain` is plain DRaFT-LV. The verdict printed before and after is the judge's (a
-classifier trained on digits neither the model nor the rewards saw): how often it reads the goal digit and how often
-it is confident the sample is a digit at all.
+`--control` picks a control against reward hacking (docs/robust_rewards.md): DEFAULT_CONTROL below is the setting
+of bench/hacking.py --robust whose samples became 8s and stayed digits at this budget (EOT over a soft-min ensemble
+with a second classifier, and KL 0.3); `--control plain` is plain DRaFT-LV. The verdict printed before and after is
+the judge's (a classifier trained on digits neither the model nor the rewards saw): how often it reads the goal
+digit and how often it is confident the sample is a digit at all. The judge can be fooled like the reward (noise
+read as a confident 8): look at before_after.png too.
 """
 import contextlib
 import json
