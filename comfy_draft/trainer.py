@@ -219,6 +219,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
         self.processes = distributed.world_size()
+        if self.processes > 1 and config.variant in policy.VARIANTS:
+            # DDPO's per-prompt statistics and (P-)GRAFT's stored rounds are per process: not the one-process run
+            raise ValueError(f"variant {config.variant!r} trains in one process only; under torchrun use one of "
+                             f"{', '.join(DRAFT_VARIANTS)}, or run {config.variant} without torchrun")
         with torch.random.fork_rng(devices=[]):  # the LoRAs' random init (on the CPU) follows the seed too
             torch.manual_seed(config.seed)
             self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)

@@ -278,6 +278,15 @@ def test_draft_refuses_a_reward_without_gradient_and_the_others_accept_it(tmp_pa
         Trainer(tiny_pixel_backend(tmp_path), jpeg, config(variant=variant))
 
 
+@pytest.mark.parametrize("variant", policy.VARIANTS)
+def test_policy_variants_refuse_several_processes(tmp_path, monkeypatch, variant):
+    # their per-prompt statistics and stored rounds live in each process: N processes would not be one run
+    from comfy_draft import distributed
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=f"'{variant}' trains in one process only"):
+        Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(variant=variant))
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(variant="graft", samples_per_prompt=2, accepted_per_prompt=3), "must not exceed"),
     (dict(variant="pgraft", pgraft_fraction=1.0), "0 < pgraft_fraction < 1"),
