@@ -125,6 +125,7 @@ def test_half_precision_flags_train_through_the_node_and_leave_the_shared_reward
     """ComfyUI started with --{half}-unet --{half}-vae (read at load time; set here as its command line would),
     a node-trained LoRA in `half`, then the same reward object scores the same image as before training."""
     import comfy.cli_args
+    import comfy.model_management
 
     folder = comfyui.base_dir / "models" / "reward_models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,8 @@ def test_half_precision_flags_train_through_the_node_and_leave_the_shared_reward
     before = comfyui.run(score_prompt("before"))["outputs"]["s"]["scores"][0]
     for flag in (f"{half}_unet", f"{half}_vae"):
         monkeypatch.setattr(comfy.cli_args.args, flag, True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[half]
+    assert comfy.model_management.unet_dtype() == comfy.model_management.vae_dtype() == dtype  # the flags take
     train = {**reward_nodes(),
              "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
              "3": {"class_type": "DRaFTTrainLoRA", "inputs": {
@@ -157,6 +160,20 @@ def test_half_precision_flags_train_through_the_node_and_leave_the_shared_reward
     after = comfyui.run(score_prompt("after"))
     assert "r" in [m[1]["nodes"] for m in comfyui.executor.status_messages if m[0] == "execution_cached"][0]
     assert after["outputs"]["s"]["scores"][0] == pytest.approx(before, abs=1e-3)
+
+    # the sweep with the shared reward scores as with a fresh copy of it (a reward cast in place raised here)
+    sweep = {**reward_nodes(),
+             "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15}},
+             "w": {"class_type": "DRaFTLoRAStrengthSweep", "inputs": {
+                 "model": ["c", 0], "clip": ["c", 1], "vae": ["c", 2], "lora_name": text.split(":")[0],
+                 "reward": ["r", 0], "prompts": "a goldfish", "negative_prompt": "", "strengths": "0, 1", "seeds": 1,
+                 "first_seed": 5, "steps": 2, "cfg": 3.0, "width": 64, "height": 64}}}
+    shared = comfyui.run(sweep)
+    assert "r" in [m[1]["nodes"] for m in comfyui.executor.status_messages if m[0] == "execution_cached"][0]
+    comfyui.executor.reset()  # forget every cached output: the reward is loaded again from its file
+    fresh = comfyui.run(sweep)
+    for got, want in zip(shared["outputs"]["w"]["rows"], fresh["outputs"]["w"]["rows"]):
+        assert got["reward"] == pytest.approx(want["reward"], abs=1e-3)
 
 
 # ----- copies without native handles -------------------------------------------------------------------------
