@@ -104,6 +104,17 @@ def test_a_reward_without_gradient_warns_after_the_first_steps(tmp_path, caplog)
     assert not ok.warnings
 
 
+def test_cli_prints_the_zero_gradient_warning(tmp_path, monkeypatch, capsys):
+    from comfy_draft import cli
+    monkeypatch.setattr(cli, "build_reward", lambda args: ConstantReward())
+    cli.main(["train", "--model", "digits", "--reward", "digit", "--prompts", "a 1", "--steps", "3",
+              "--sampling-steps", "3", "--batch-size", "1", "--out", str(tmp_path / "flat.safetensors"),
+              "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert "warning: the reward's gradient was exactly zero in the first 3 steps" in printed.err
+    assert "step 3/3" in printed.out
+
+
 # ----- the reward object ComfyUI shares between nodes --------------------------------------------------------
 def reward_nodes():
     return {"r": {"class_type": "DRaFTRewardLoader", "inputs": {
