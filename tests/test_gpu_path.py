@@ -351,6 +351,16 @@ def test_models_that_cannot_train_are_refused_before_any_work(tiny_objects, monk
     with pytest.raises(ValueError, match="easycache"):
         TrainingBackend(cached, clip, vae)
 
+    older = model.clone()  # the older ways of caching nodes and torch.compile nodes
+    older.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"],
+                                                                                **args["c"]))
+    with pytest.raises(ValueError, match="model_function_wrapper"):
+        TrainingBackend(older, clip, vae)
+    older = model.clone()
+    older.add_object_patch("diffusion_model", model.model.diffusion_model)
+    with pytest.raises(ValueError, match="diffusion_model \\(object patch\\)"):
+        TrainingBackend(older, clip, vae)
+
     multigpu = model.clone()
     multigpu.set_additional_models("multigpu", [model.clone()])
     with pytest.raises(ValueError, match="multi-GPU"):

@@ -276,6 +276,9 @@ def check_trainable(model):
     stores = (model.wrappers, model.model_options.get("transformer_options", {}).get("wrappers", {}))
     wrapped = sorted({f"{key} ({kind})" for store in stores for kind, by_key in store.items()
                       if kind in SAMPLING_WRAPPERS for key, fns in by_key.items() if fns and key != OWN_WRAPPER})
+    # the older ways to do the same: a function around every UNet call, or a replaced (e.g. compiled) UNet module
+    wrapped += ["model_function_wrapper"] if "model_function_wrapper" in model.model_options else []
+    wrapped += ["diffusion_model (object patch)"] if "diffusion_model" in model.object_patches else []
     if wrapped:
         raise ValueError(f"this MODEL carries sampling wrappers that compile, cache or replace the UNet call "
                          f"({', '.join(wrapped)}: TorchCompileModel, EasyCache, LazyCache, context windows and the "
