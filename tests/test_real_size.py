@@ -3,7 +3,7 @@ DRaFT-LV steps through the DRaFTTrainLoRA node in the in-process ComfyUI, and th
 applied by ComfyUI's own LoraLoaderModelOnly, reproduces the trained model.
 
 The checkpoint (SD1.5's exact layout, 2 GB in fp16) is written once by bench/speed.py into
-.cache/bench/ (15 s). Needs about 11 GiB of RAM and under a minute on 2 idle cores.
+.cache/bench/ (15 s). Peaks at about 9.5 GiB resident and under a minute on 2 idle cores.
 """
 import gc
 import math
