@@ -359,3 +359,27 @@ def test_pickles_run_no_code_unless_allowed(tmp_path):
     with pytest.raises(RewardFileError, match="does not hold a dict of tensors"):  # trusted: unpickled, then rejected
         load_clip(path, allow_unsafe_pickle=True)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["hpsv2", "pickscore"])  # clip_similarity: one fixed text, a buffer
+def test_cached_text_features_equal_recomputed_ones_after_scoring_in_inference_mode(tiny, name):
+    """The text-feature cache (filled here as a ComfyUI node fills it, under inference mode) gives the scores and
+    image gradients of a reward that encodes the text anew, also in the trainer's private copy."""
+    from comfy_draft.trainer import cast_copy
+    images = torch.rand(2, 3, 40, 52, generator=torch.Generator().manual_seed(0))
+    cached = LOADERS[name](tiny)
+    with torch.inference_mode():
+        cached(images, PROMPTS)
+    assert len(cached.__dict__["_text_features"]) == len(PROMPTS)  # filled: the scores below come from it
+
+    def scores_and_gradient(reward):
+        with torch.enable_grad():
+            x = images.clone().requires_grad_()
+            scores = reward(x, PROMPTS)
+            scores.sum().backward()
+        return scores.detach(), x.grad
+
+    fresh = scores_and_gradient(LOADERS[name](tiny))
+    for reward in (cached, cast_copy(cached, torch.device("cpu"))):
+        for got, want in zip(scores_and_gradient(reward), fresh):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

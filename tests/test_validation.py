@@ -110,3 +110,12 @@ def test_strength_sweep_scales_the_lora_delta(tmp_path):
     assert torch.equal(images[:4], base_images) and not torch.equal(images[4:], base_images)
     assert rows[0]["reward"] == pytest.approx(BRIGHTNESS(base_images).mean().item(), rel=1e-6)
     assert rows[1]["darkness"] == pytest.approx(-rows[1]["reward"])
+
+
+def test_held_out_samples_do_not_depend_on_the_batch_they_are_drawn_in(tmp_path):
+    # validation samples `batch_size` images at a time (a step's memory); each image's noise follows its seed only
+    backend = tiny_pixel_backend(tmp_path)
+    whole = held_out_images(backend, HELD_OUT_PROMPTS, [7, 8, 9], "", 3.0, 6, 16, 16)
+    for batch in (1, 2):
+        torch.testing.assert_close(held_out_images(backend, HELD_OUT_PROMPTS, [7, 8, 9], "", 3.0, 6, 16, 16,
+                                                   batch=batch), whole, rtol=0, atol=1e-5)  # batched kernels round differently
