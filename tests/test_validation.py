@@ -119,3 +119,27 @@ def test_held_out_samples_do_not_depend_on_the_batch_they_are_drawn_in(tmp_path)
     for batch in (1, 2):
         torch.testing.assert_close(held_out_images(backend, HELD_OUT_PROMPTS, [7, 8, 9], "", 3.0, 6, 16, 16,
                                                    batch=batch), whole, rtol=0, atol=1e-5)  # batched kernels round differently
+
+
+class ConvJudge(rewards.Reward):
+    name = "conv"
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Conv2d(3, 4, 3).requires_grad_(False)
+
+    def score(self, images, prompts=None):
+        return self.net(images).mean((1, 2, 3))
+
+
+def test_judges_run_as_private_copies_in_the_training_dtype_and_the_estimate_counts_them(tmp_path):
+    from comfy_draft import memory
+    judge = ConvJudge()
+    v = Validator(ValidationConfig(prompts=HELD_OUT_PROMPTS, seeds=[7], every=2), {"conv": judge})
+    trainer = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(precision="bf16"), validator=v)
+    assert "val_conv" in v(trainer)
+    assert all(t.dtype == torch.bfloat16 for t in v.on_device["conv"].parameters())
+    assert all(t.dtype == torch.float32 for t in judge.parameters())  # the shared judge is left as it was
+    without = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(precision="bf16"))
+    judge_bytes = sum(t.numel() * 2 for t in judge.parameters())
+    assert memory.estimate(trainer)["weights"] - memory.estimate(without)["weights"] == judge_bytes
