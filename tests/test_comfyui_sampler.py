@@ -114,3 +114,15 @@ def test_gradient_through_comfyui_guider(comfyui, tiny_sd15, checkpoint):
     assert graphs[0] is None and graphs[1] is not None
     torch.testing.assert_close(out1, out0, rtol=0, atol=1e-5)
     assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_native_size_follows_the_model_family(comfyui, tiny_sd15):
+    """The training and sweep nodes' size 0: 512 for SD1.x / SD2 base, 768 once the model predicts v (SD2 768-v),
+    as ComfyUI's ModelSamplingDiscrete node (or an SD2-v checkpoint) sets it. SDXL's 1024: tests/test_sdxl.py."""
+    import comfy.sd
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    from comfy_draft.backends.comfyui import native_size
+    model = comfy.sd.load_checkpoint_guess_config(str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[0]
+    patched = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    assert (native_size(model), native_size(patched)) == (512, 768)
