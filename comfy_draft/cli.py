@@ -24,7 +24,7 @@ class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
 def progress(total, every):
     """`show(metrics, line, news)`: on a terminal a tqdm bar with the step's reward and gradient norm (and the
     lines with news above it); elsewhere the line of the run's first step, every `every`-th, the last, and any
-    step with news (validation, a skipped update)."""
+    step with news (validation, a skipped update). `show.close()` ends the bar of a run that stopped early."""
     bar, first = None, True
 
     def show(metrics, line, news):
@@ -44,6 +44,7 @@ def progress(total, every):
             bar.write(line)
         if step == total:
             bar.close()
+    show.close = lambda: bar is not None and bar.close()
     return show
 
 
@@ -268,6 +269,7 @@ def train(args):
             print(f"interrupted at step {trainer.step}: LoRA saved as {partial}; resume with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
+        show.close()  # early stop or interruption: the next lines start below the bar
         if log:
             log.close()
         if board is not None:

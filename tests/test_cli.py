@@ -171,6 +171,10 @@ def test_progress_prints_plain_lines_without_a_terminal_and_a_bar_on_one(monkeyp
     printed = capsys.readouterr()
     assert printed.out.strip() == "line 7"  # news above the bar
     assert "25/25" in printed.err and "reward=0.5000" in printed.err and "grad_norm=0.125" in printed.err
+    show = progress(25, 10)  # a run that stops early (patience): closing ends the bar's line
+    show({"step": 1, "reward": 0.5, "grad_norm": 0.125}, "line 1", news=False)
+    show.close()
+    assert capsys.readouterr().err.endswith("\n")
 
 
 @pytest.mark.slow
