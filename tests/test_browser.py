@@ -178,6 +178,7 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
     for p in panels.values():  # real axes: numeric tick labels on both, and drawn
         assert p["height"] > 100 and p["y"] and p["x"], p
         assert all(is_number(v) for v in p["x"] + p["y"]), p
+        assert len(p["y"]) >= 2 and len(set(p["y"])) == len(p["y"]), p  # values to read, none repeated
 
     # the node's chart on screen: its bottom in view; hovering a panel shows values in uPlot's legend
     show_chart(page, "trainer_chart.png")

@@ -25,6 +25,15 @@ const AXIS = { stroke: "#bbb", grid: { stroke: "#ffffff1a" }, ticks: { stroke: "
 // Ticks and legend values: uPlot's default rounds to 3 decimals, which shows small gradients and KL as 0.
 const fmt = (v) => (v == null ? "--" : v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(2) : String(+v.toPrecision(4)));
 
+// Tick labels with as many digits as the tick spacing needs, so that close ticks (a reward moving in its
+// fourth digit) keep distinct labels.
+function tickLabels(u, ticks, axisIdx, space, incr) {
+  const largest = Math.max(...ticks.map(Math.abs));
+  const step = Math.floor(Math.log10(incr));
+  if (largest !== 0 && largest < 1e-3) return ticks.map((v) => v.toExponential(Math.max(1, Math.floor(Math.log10(largest)) - step)));
+  return ticks.map((v) => v.toFixed(Math.min(12, Math.max(0, -step))));
+}
+
 // A y axis as wide as its longest tick label (small gradients and KL have long ones).
 function axisSize(u, values, axisIdx, cycleNum) {
   const axis = u.axes[axisIdx];
@@ -169,7 +178,7 @@ class TrainingChart {
         title, width: this.width(), height: PLOT_HEIGHT, series, plugins: [keptStepLine(() => this.chart)],
         // the x axis spans the whole run, so the chart also shows how far it has got
         scales: { x: { time: false, range: () => [first, Math.max(this.chart.total, first + 1)] } },
-        axes: [{ ...AXIS }, { ...AXIS, size: axisSize, space: 24, values: (u, ticks) => ticks.map(fmt) }],
+        axes: [{ ...AXIS }, { ...AXIS, size: axisSize, space: 24, values: tickLabels }],
         cursor: { sync: { key: `comfy_draft_${this.node.id}` } },
         legend: { live: true },
       }, data, this.content);
