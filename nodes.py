@@ -12,7 +12,7 @@ import torch
 
 from .comfy_draft import memory, rewards
 from .comfy_draft.backends import comfyui as backend
-from .comfy_draft.lora import load_kohya_file
+from .comfy_draft.lora import atomic_write, load_kohya_file
 from .comfy_draft.plotting import curve_image, image_grid
 from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer, check_reward
 from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, held_out_images,
@@ -343,9 +343,29 @@ def held_out_sample_inputs():
             "height": SIZE_INPUT}
 
 
+def chart_history_file():
+    return os.path.join(folder_paths.get_user_directory(), "comfy_draft", "chart_history.json")
+
+
+def load_chart_history():
+    try:
+        with open(chart_history_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def save_chart_history():
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(CHART_HISTORY, f)
+    atomic_write(chart_history_file(), write, overwrite=True)
+
+
 # node id -> its latest run's chart data ({"total", "diversity_floor", "kept_step", "steps": [metrics]}), so the
-# canvas can redraw the chart after a page reload or when the workflow is reopened (while the server runs).
-CHART_HISTORY = {}
+# canvas can redraw the chart after a page reload, when the workflow is reopened, and after a server restart
+# (written to the user directory after every run).
+CHART_HISTORY = load_chart_history()
 
 
 def register_chart_history_route():
@@ -597,6 +617,9 @@ class DRaFTTrainLoRA:
             if trainer.step:
                 trainer.save_lora(path.replace("_.safetensors", f"_partial_{trainer.step}_.safetensors"))
             raise
+        finally:
+            CHART_HISTORY[str(unique_id)]["kept_step"] = trainer.kept_step
+            save_chart_history()
         trainer.save_lora(path)
         if save_every:  # the last snapshot, beside the others
             save_preview(trainer, path)
@@ -616,7 +639,6 @@ class DRaFTTrainLoRA:
         if skipped:
             text += f"\n{skipped} step(s) skipped: the fp16 gradient overflowed (the loss scale was lowered)"
         text += "".join(f"\nWARNING: {w}" for w in trainer.warnings)
-        CHART_HISTORY[str(unique_id)]["kept_step"] = trainer.kept_step
         return {"ui": {"text": [text]},
                 "result": (patched, path, curve, history[-1]["reward"])}
 

@@ -1,6 +1,7 @@
 """DRaFTTrainLoRA inside the real ComfyUI: in-process, through the server (HTTP + websocket), interrupt,
 and LoRA blending with ComfyUI's own loaders."""
 import json
+import sys
 import threading
 import uuid
 
@@ -51,6 +52,10 @@ def test_train_node_in_process_gives_the_seeds_lora_then_lora_loader(comfyui, ti
     assert comfyui.output_path(curve).stat().st_size > 0
     assert "draft/inproc_00001_.safetensors" in comfyui.folder_paths.get_filename_list("loras")
     assert "reward" in history["outputs"]["3"]["text"][0]
+    pack = sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__]
+    restarted = pack.load_chart_history()  # what a restarted server starts from: the run's chart, from disk
+    assert [m["step"] for m in restarted["3"]["steps"]] == list(range(1, len(restarted["3"]["steps"]) + 1))
+    assert restarted["3"] == json.loads(json.dumps(pack.CHART_HISTORY["3"]))
     again = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))  # not from cache: trains again
     assert "inproc_00002_" in again["outputs"]["3"]["text"][0]
     comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc", seed=1))
