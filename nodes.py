@@ -605,6 +605,8 @@ class DRaFTTrainLoRA:
             trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
         if resume_state != "none":
             trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
+            CHART_HISTORY[str(unique_id)]["steps"][:0] = [  # the chart shows the whole run, not only its rest
+                dict(m, node=unique_id, total=training_steps, diversity_floor=floor) for m in trainer.history]
 
         def save_snapshot(metrics, images):  # a LoRA and its preview per save_every steps, to compare on the canvas
             if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:

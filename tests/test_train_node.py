@@ -278,6 +278,8 @@ def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, 
     assert (comfyui.base_dir / "models" / "loras" / "draft" / "resumed_00001_step1_.safetensors").exists()
     history = comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 3, resume_state=state))
     assert "reward" in history["outputs"]["3"]["text"][0]
+    pack = sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__]
+    assert [m["step"] for m in pack.CHART_HISTORY["3"]["steps"]] == [1, 2, 3]  # the chart shows the whole run
     straight = load_kohya_file(f"{lora_dir}/draft/straight_00001_.safetensors")
     resumed = load_kohya_file(f"{lora_dir}/draft/resumed_00002_.safetensors")
     assert straight[1]["comfy_draft_steps"] == resumed[1]["comfy_draft_steps"] == "3"
