@@ -3,6 +3,7 @@ twice the accumulation, rank-0-only files, resume under the same number of proce
 identical on every rank."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,25 @@ def run_train(processes, *args, check=True):
     if check and result.returncode:
         raise AssertionError(result.stdout + result.stderr)
     return result
+
+
+def interrupt_train(processes, *args, after):
+    """Like `run_train`, with Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) once a line of
+    rank 0's output starts with `after`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "comfy_draft", "train", *DIGITS, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    line = ""
+    try:
+        for line in proc.stdout:
+            if line.startswith(after):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return line + out, err
 
 
 def trained(out):
@@ -85,13 +105,16 @@ def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation
     same_state = trained(same)[0]
     assert max((same_state["lora"][k] - two_state["lora"][k]).abs().max() for k in same_state["lora"]) > 1e-4
 
-    # Interrupted after a checkpoint at step 2 and resumed to 4: the uninterrupted run's LoRA.
+    # Ctrl-C during a 2-process run (after its first step; up to 30), then resumed to 4: the uninterrupted LoRA.
     part = tmp_path / "part.safetensors"
-    run_train(2, "--steps", "2", "--out", str(part))
+    _, err = interrupt_train(2, "--steps", "30", "--print-every", "1", "--out", str(part), after="step 1/30")
+    stopped = torch.load(f"{part}.ckpt", weights_only=True)["step"]
+    assert 1 <= stopped < 4 and f"interrupted at step {stopped}" in err
+    assert [p.name for p in tmp_path.glob("part.partial-*")] == [f"part.partial-{stopped}.safetensors"]  # rank 0
     result = run_train(2, "--steps", "4", "--resume", "--out", str(part))
-    assert "step 3/4" in result.stdout and "step 1/" not in result.stdout
+    assert f"step {stopped + 1}/4" in result.stdout and "step 1/" not in result.stdout
     part_state, (part_file, _), part_log = trained(part)
-    assert part_state["step"] == 4 and [m["step"] for m in part_log] == [1, 2, 3, 4]
+    assert part_state["step"] == 4 and [m["step"] for m in part_log][-1] == 4
     assert_same_lora(part_state["lora"], two_state["lora"])
     assert_same_lora(part_file, two_file)
     assert part_state["validator"]["best"]["step"] == two_state["validator"]["best"]["step"]
