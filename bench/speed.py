@@ -371,11 +371,18 @@ def train_config(variant, res, args):
                        **VARIANTS[variant])
 
 
+def batched_copies(trainer):
+    """How many DRaFT-LV copies the step puts in one differentiated call (1: one call per copy)."""
+    c = trainer.config
+    return c.lv_samples if c.variant == "draft-lv" and trainer.checkpointing is False else 1
+
+
 def unit_round(trainer, args, device):
     """One timing of each unavoidable part, alone, with the trainer's own pieces (its LoRA-wrapped model
     copy in ComfyUI's guider, autocast, decoder, reward, optimizer) and without checkpointing: the no-grad
-    chain of T guided calls (`sample_ddim`), forward + backward of one differentiated guided call, VAE
-    decode forward + backward, reward forward + backward, optimizer step. Returns T and the seconds."""
+    chain of T guided calls (`sample_ddim`), forward + backward of one differentiated guided call (at the batch
+    the step gives it: the n DRaFT-LV copies in one call when the step batches them), VAE decode forward +
+    backward, reward forward + backward, optimizer step. Returns T and the seconds."""
     from comfy_draft.sampling import denoise, sample_ddim
 
     backend, c = trainer.backend, trainer.config
@@ -393,7 +400,7 @@ def unit_round(trainer, args, device):
 
         def differentiated_call():
             with trainer.autocast():
-                prediction = denoise(model, x, sigmas[-2], {})
+                prediction = denoise(model, torch.cat([x] * batched_copies(trainer)), sigmas[-2], {})
             prediction.backward(torch.randn_like(prediction))
 
         seconds["sampling_chain"] = timed(chain, device)
@@ -423,11 +430,12 @@ def unit_round(trainer, args, device):
     return seconds.pop("T"), seconds
 
 
-def unavoidable(variant, T, units):
-    """The parts a step of `variant` cannot avoid, in seconds, from the unit costs."""
+def unavoidable(variant, T, units, copies=1):
+    """The parts a step of `variant` cannot avoid, in seconds, from the unit costs (`copies`: DRaFT-LV copies per
+    differentiated call, as `batched_copies`)."""
     v = VARIANTS[variant]
     n = v.get("lv_samples", 1)
-    differentiated = {"draft-lv": n, "draft-k": v.get("grad_steps"), "draft": T}[v["variant"]]
+    differentiated = {"draft-lv": n // copies, "draft-k": v.get("grad_steps"), "draft": T}[v["variant"]]
     no_grad = T if v["variant"] == "draft-lv" else T - differentiated
     return {"sampling": no_grad * units["sampling_chain"] / T, "differentiated": differentiated * units["differentiated_call"],
             "decode": n * units["decode"], "reward": n * units["reward"], "optimizer": units["optimizer"]}
@@ -461,7 +469,7 @@ def measure_variant(model, clip, vae, reward, variant, res, args, device):
         for name, value in seconds.items():
             units[name].append(value)
     units = {name: statistics.median(values) for name, values in units.items()}
-    parts = unavoidable(variant, T, units)
+    parts = unavoidable(variant, T, units, batched_copies(trainer))
     totals = [sum(s.values()) for s in steps]
     result = {"sampling_steps": T, "step_s": statistics.median(totals), "steps_s": totals,
               "phases_s": {p: statistics.median([s.get(p, 0.0) for s in steps]) for p in steps[0]},

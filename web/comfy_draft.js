@@ -22,7 +22,7 @@ const COLOURS = ["#4a90e2", "#f0ad4e", "#b366ff", "#5cb85c", "#5bc0de", "#e0e0e0
 const MIN_WIDTH = 420;  // node width that fits the panels' axes and legends
 const AXIS = { stroke: "#bbb", grid: { stroke: "#ffffff1a" }, ticks: { stroke: "#ffffff33" }, font: "10px sans-serif" };
 
-// Ticks and legend values: uPlot's default rounds to 3 decimals, which shows small gradients and KL as 0.
+// Legend values: uPlot's default rounds to 3 decimals, which shows small gradients and KL as 0.
 const fmt = (v) => (v == null ? "--" : v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(2) : String(+v.toPrecision(4)));
 
 // Tick labels with as many digits as the tick spacing needs, so that close ticks (a reward moving in its
