@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import distributed, loading
-from .trainer import VARIANTS, TrainConfig, Trainer, check_reward
+from .trainer import VARIANTS, TrainConfig, Trainer, check_processes, check_reward
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
 TRAIN_DEFAULTS = TrainConfig(prompts=[""])
@@ -219,6 +219,7 @@ def train(args):
     reward = build_reward(args)  # before the model: a bad reward file fails fast
     try:
         check_reward(reward, config)
+        check_processes(config)  # before the model loads
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     backend = load_backend(args)

@@ -120,6 +120,14 @@ def check_reward(reward, config):
                          f"train it with {', '.join(policy.VARIANTS)} (no reward gradient needed)")
 
 
+def check_processes(config):
+    """Raise if the variant cannot train in this many processes: DDPO's per-prompt statistics and (P-)GRAFT's stored
+    rounds are per process, so N processes would not be the one-process run."""
+    if distributed.world_size() > 1 and config.variant in policy.VARIANTS:
+        raise ValueError(f"variant {config.variant!r} trains in one process only; under torchrun use one of "
+                         f"{', '.join(DRAFT_VARIANTS)}, or run {config.variant} without torchrun")
+
+
 class NonFiniteError(FloatingPointError):
     pass
 
@@ -218,11 +226,8 @@ class Trainer:
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
         self.callbacks = list(callbacks)
         self.checkpoint_path = checkpoint_path
+        check_processes(config)
         self.processes = distributed.world_size()
-        if self.processes > 1 and config.variant in policy.VARIANTS:
-            # DDPO's per-prompt statistics and (P-)GRAFT's stored rounds are per process: not the one-process run
-            raise ValueError(f"variant {config.variant!r} trains in one process only; under torchrun use one of "
-                             f"{', '.join(DRAFT_VARIANTS)}, or run {config.variant} without torchrun")
         with torch.random.fork_rng(devices=[]):  # the LoRAs' random init (on the CPU) follows the seed too
             torch.manual_seed(config.seed)
             self.loras = backend.add_loras(config.rank, config.alpha, config.resnet_loras)

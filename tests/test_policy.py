@@ -285,6 +285,11 @@ def test_policy_variants_refuse_several_processes(tmp_path, monkeypatch, variant
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ValueError, match=f"'{variant}' trains in one process only"):
         Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"), config(variant=variant))
+    from comfy_draft import cli
+    monkeypatch.setattr(cli, "load_backend", lambda args: pytest.fail("the model loaded before the refusal"))
+    with pytest.raises(SystemExit, match=f"error: variant '{variant}' trains in one process only"):
+        cli.main(["train", "--model", "digits", "--reward", "brightness", "--prompts", "a 1", "--variant", variant,
+                  "--out", str(tmp_path / "refused.safetensors"), "--device", "cpu"])
 
 
 @pytest.mark.parametrize("overrides,message", [
