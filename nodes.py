@@ -368,6 +368,11 @@ def save_chart_history():
 CHART_HISTORY = load_chart_history()
 
 
+def chart_event(metrics, node_id, total, diversity_floor):
+    """A step of the chart, as the websocket event and the replayed history carry it."""
+    return dict(metrics, node=node_id, total=total, diversity_floor=diversity_floor)
+
+
 def register_chart_history_route():
     import server
     from aiohttp import web
@@ -606,7 +611,7 @@ class DRaFTTrainLoRA:
         if resume_state != "none":
             trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
             CHART_HISTORY[str(unique_id)]["steps"][:0] = [  # the chart shows the whole run, not only its rest
-                dict(m, node=unique_id, total=training_steps, diversity_floor=floor) for m in trainer.history]
+                chart_event(m, unique_id, training_steps, floor) for m in trainer.history]
 
         def save_snapshot(metrics, images):  # a LoRA and its preview per save_every steps, to compare on the canvas
             if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:
@@ -661,7 +666,7 @@ class DRaFTTrainLoRA:
                 grid = images.movedim(1, -1).flatten(0, 1) if images.shape[0] <= 4 else images[0].movedim(0, -1)
                 preview = ("JPEG", Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8")), 512)
             bar.update_absolute(step, total, preview)
-            event = dict(metrics, node=node_id, total=total, diversity_floor=diversity_floor)
+            event = chart_event(metrics, node_id, total, diversity_floor)
             chart["steps"].append(event)
             instance = server.PromptServer.instance
             instance.send_sync("comfy_draft.train_step", event, instance.client_id)

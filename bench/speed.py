@@ -374,7 +374,7 @@ def train_config(variant, res, args):
 def batched_copies(trainer):
     """How many DRaFT-LV copies the step puts in one differentiated call (1: one call per copy)."""
     c = trainer.config
-    return c.lv_samples if c.variant == "draft-lv" and trainer.checkpointing is False else 1
+    return c.lv_samples if c.variant == "draft-lv" and trainer.batches_copies else 1
 
 
 def unit_round(trainer, args, device):

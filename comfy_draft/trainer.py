@@ -256,8 +256,7 @@ class Trainer:
         def fn(model, x, sigmas):
             # EOT rewards draw this micro-batch's transformations from its seed (rewards.robust)
             with self.autocast(), seeded(self.reward, g.initial_seed()):
-                # Without checkpointing n copies in one call hold what n calls would: batch them.
-                x0s, calls = differentiable_samples(model, x, sigmas, c, g, batched=self.checkpointing is False)
+                x0s, calls = differentiable_samples(model, x, sigmas, c, g, batched=self.batches_copies)
                 images = [self.backend.decode(self.for_reward(x0), bool(self.checkpointing)) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)
                 penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
@@ -392,6 +391,12 @@ class Trainer:
         if getattr(self, "_checkpointing", None) is None:
             self._checkpointing = memory.checkpointing_policy(self)
         return self._checkpointing
+
+    @property
+    def batches_copies(self):
+        """Whether DRaFT-LV's n re-noised copies run as one model call: without checkpointing n copies in one call
+        hold what n calls would, so batch them."""
+        return self.checkpointing is False
 
     def memory_estimate(self):
         """Estimated peak device memory of a step (see `memory`) with the checkpointing it runs with; raises

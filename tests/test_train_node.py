@@ -46,16 +46,20 @@ def lora_prompt(ckpt, lora_name):
     return prompt
 
 
+def pack_nodes(comfyui):
+    """The pack's nodes module as ComfyUI loaded it (its chart history lives there)."""
+    return sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__]
+
+
 def test_train_node_in_process_gives_the_seeds_lora_then_lora_loader(comfyui, tiny_sd15):
     history = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))
     (curve,) = history["outputs"]["10"]["images"]
     assert comfyui.output_path(curve).stat().st_size > 0
     assert "draft/inproc_00001_.safetensors" in comfyui.folder_paths.get_filename_list("loras")
     assert "reward" in history["outputs"]["3"]["text"][0]
-    pack = sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__]
-    restarted = pack.load_chart_history()  # what a restarted server starts from: the run's chart, from disk
+    restarted = pack_nodes(comfyui).load_chart_history()  # what a restarted server starts from: the run's chart, from disk
     assert [m["step"] for m in restarted["3"]["steps"]] == list(range(1, len(restarted["3"]["steps"]) + 1))
-    assert restarted["3"] == json.loads(json.dumps(pack.CHART_HISTORY["3"]))
+    assert restarted["3"] == json.loads(json.dumps(pack_nodes(comfyui).CHART_HISTORY["3"]))
     again = comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc"))  # not from cache: trains again
     assert "inproc_00002_" in again["outputs"]["3"]["text"][0]
     comfyui.run(train_prompt(tiny_sd15, lora_name="draft/inproc", seed=1))
@@ -278,8 +282,7 @@ def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, 
     assert (comfyui.base_dir / "models" / "loras" / "draft" / "resumed_00001_step1_.safetensors").exists()
     history = comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 3, resume_state=state))
     assert "reward" in history["outputs"]["3"]["text"][0]
-    pack = sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__]
-    assert [m["step"] for m in pack.CHART_HISTORY["3"]["steps"]] == [1, 2, 3]  # the chart shows the whole run
+    assert [m["step"] for m in pack_nodes(comfyui).CHART_HISTORY["3"]["steps"]] == [1, 2, 3]  # the chart shows the whole run
     straight = load_kohya_file(f"{lora_dir}/draft/straight_00001_.safetensors")
     resumed = load_kohya_file(f"{lora_dir}/draft/resumed_00002_.safetensors")
     assert straight[1]["comfy_draft_steps"] == resumed[1]["comfy_draft_steps"] == "3"
