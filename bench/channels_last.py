@@ -9,7 +9,7 @@ import time
 
 import torch
 
-import speed
+import fixtures
 
 
 def main():
@@ -18,10 +18,10 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="measured rounds, after one warm-up round")
     args = p.parse_args()
     device = torch.device("cpu")
-    speed.boot_comfyui(device)
+    fixtures.boot_comfyui(device)
     from comfy_draft.backends.comfyui import plain_copy
 
-    model, _, _ = speed.load_models("sd15", "real", device)
+    model, _, _ = fixtures.load_models("sd15", "real", device)
     with torch.inference_mode(False):
         unet = plain_copy(model.model.diffusion_model).requires_grad_(False)  # normal tensors: backward works
         del model

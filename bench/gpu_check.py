@@ -1,7 +1,7 @@
 """One-call GPU check (issue 13): the pack inside the real ComfyUI server on a CUDA machine, then bench/speed.py.
 
 1. Installs the bundle (scripts/gpu_bundle.py: wheels the device lacks, stubs, the ComfyUI tree) into --work.
-2. Writes random real-size SD1.5 and SDXL checkpoints (bench/speed.py) and a random LAION aesthetic reward
+2. Writes random real-size SD1.5 and SDXL checkpoints (bench/fixtures.py) and a random LAION aesthetic reward
    (MLP .pth + a CLIP ViT-L/14 clip_vision tower) into a ComfyUI base directory that links this repository.
 3. Boots ComfyUI's main.py with its default flags (so DynamicVRAM is on where comfy-aimdo works) and, through
    POST /prompt: DRaFTTrainLoRA, 3 DRaFT-LV steps, 20 sampling steps, batch 1, on SD1.5 at 512 and SDXL at
@@ -136,7 +136,7 @@ def python_path(bundle, work, dry_run):
 # ----- models ----------------------------------------------------------------------------------------
 def write_models(base, dry_run, device):
     """Checkpoints (links to cached files) and the aesthetic reward's two files in the base directory."""
-    import speed
+    import fixtures
     import tiny_clip
     import torch
     from safetensors.torch import save_file
@@ -146,12 +146,12 @@ def write_models(base, dry_run, device):
         tower, width = tiny_clip.hf_clip_vision_model(seed=5), 32
         sd = dict(tower.state_dict())
     else:
-        checkpoints = {name: speed.random_checkpoint(name, device) for name in GPU["models"]}
+        checkpoints = {name: fixtures.random_checkpoint(name, device) for name in GPU["models"]}
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-        with torch.device("meta"):  # names and shapes; speed.py's seeded noise fills them
+        with torch.device("meta"):  # names and shapes; the checkpoints' seeded noise fills them
             shapes = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14)).state_dict()
         generator = torch.Generator(device).manual_seed(0)
-        sd, width = {k: speed.random_tensor(k, v, generator).contiguous() for k, v in shapes.items()}, 768
+        sd, width = {k: fixtures.random_tensor(k, v, generator).contiguous() for k, v in shapes.items()}, 768
     rewards = base / "models" / "reward_models"
     rewards.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(rewards / CLIP_FILE))
@@ -398,12 +398,12 @@ def main(argv=None):
     os.environ.update(COMFYUI_DIR=str(comfy_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
     import comfyui_harness as harness
-    import speed
+    import fixtures
     import torch
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --dry-run on a CPU")
-    speed.boot_comfyui(device)  # ComfyUI's modules in this process, to write the checkpoints
+    fixtures.boot_comfyui(device)  # ComfyUI's modules in this process, to write the checkpoints
     from comfyui_version import __version__ as comfyui_version
     harness.COMFY_FLAGS = ["--disable-api-nodes", "--database-url", "sqlite:///:memory:"]  # main.py's defaults besides
     if args.dry_run:

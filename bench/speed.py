@@ -24,6 +24,9 @@ reward, so that a CPU can run the whole benchmark in minutes; its figures only s
 Configurations that run out of device memory are recorded as "OOM". Results go to <out>/<name>.json
 and <name>.md (name: speed on CUDA, speed_cpu otherwise), rewritten after every configuration.
 
+The model builders, timing helpers, the variants and the table of accounting configurations are in
+bench/fixtures.py (shared with accounting.py, gpu_check.py and channels_last.py).
+
 Run: .venv/bin/python bench/speed.py                       # CUDA: SD1.5 and SDXL at real size
      .venv/bin/python bench/speed.py --models sd15 sdxl sd2  # with SD2 768-v
      .venv/bin/python bench/speed.py --threads 1             # CPU, tiny (1 thread: steadier when shared)
@@ -31,249 +34,19 @@ Run: .venv/bin/python bench/speed.py                       # CUDA: SD1.5 and SDX
 import argparse
 import collections
 import contextlib
-import gc
 import json
-import os
 import pathlib
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-COMFY_DIR = pathlib.Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "comfyui" / "ComfyUI"))
-CACHE = REPO / ".cache" / "bench"
-sys.path.insert(0, str(REPO))  # this checkout's comfy_draft, before any installed copy
-sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the tiny checkpoint the tests use (and cache)
-
-GIB = 1024 ** 3
-PROMPTS = ["a lighthouse on a cliff at dusk, oil painting", "a red fox in fresh snow, photograph"]
-SEED = 0
-CFG = 7.5
-VARIANTS = {
-    "draft-lv (n=2)": dict(variant="draft-lv", lv_samples=2),
-    "draft-k (K=1)": dict(variant="draft-k", grad_steps=1),
-    "draft-k (K=5)": dict(variant="draft-k", grad_steps=5),
-    "draft (full)": dict(variant="draft"),
-}
-# Tensor-accounting configurations (bench/accounting.py): the paths before issue 14 and after it.
-ACCOUNTING = {
-    "before (W + delta, whole decoder)": dict(lora="weights", decode="whole", unet_checkpoint="call"),
-    "bypass LoRA, whole decoder": dict(lora="bypass", decode="whole", unet_checkpoint="call"),
-    "after: bypass, decoder blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="call"),
-    "after, UNet blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="blocks"),
-    "after, no checkpointing (n copies batched)": dict(lora="bypass", decode="off", unet_checkpoint="off",
-                                                       lv_batched=True),
-}
-# The configuration a Trainer runs with, by its resolved checkpointing (for the CUDA comparison).
-RUNS_AS = {True: "after: bypass, decoder blocks", "blocks": "after, UNet blocks",
-           False: "after, no checkpointing (n copies batched)"}
-RESOLUTION = {"real": {"sd15": 512, "sd2": 768, "sdxl": 1024}, "tiny": {"sd15": 64}}
-
-# Full UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py); the
-# supported_models class named alongside matches them to SD1.5, SD2.x and SDXL.
-_SD_UNET = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
-                use_spatial_transformer=True, legacy=False, adm_in_channels=None, use_temporal_attention=False,
-                use_temporal_resblock=False, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
-ARCHITECTURES = {
-    "sd15": ("SD15", dict(_SD_UNET, context_dim=768, num_heads=8, use_linear_in_transformer=False)),
-    "sd2": ("SD20", dict(_SD_UNET, context_dim=1024, num_head_channels=64, use_linear_in_transformer=True)),
-    "sdxl": ("SDXL", dict(_SD_UNET, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
-                          channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
-                          transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], context_dim=2048,
-                          num_head_channels=64, use_linear_in_transformer=True)),
-}
-# ComfyUI tells SD2 v-prediction (768-v) from eps (512-base) by the spread of this bias (supported_models.SD20).
-SD2_V_PRED_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-
-# CLIP towers of the aesthetic reward as open_clip configs: OpenAI ViT-L/14 (what the LAION predictor
-# was trained on, QuickGELU, 224 px) and, for CPU runs, a small ViT.
-REWARD_CLIP = {
-    "real": dict(embed_dim=768, vision_cfg=dict(layers=24, width=1024, head_width=64, patch_size=14, image_size=224),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)),
-    "tiny": dict(embed_dim=32, vision_cfg=dict(layers=2, width=128, patch_size=8, image_size=32),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)),
-}
-
-
-# ----- setup ----------------------------------------------------------------------------------------
-def boot_comfyui(device):
-    """Import ComfyUI as a library, its command line parsed as `main.py [--cpu]` would (once per process;
-    the tests boot it themselves)."""
-    if "comfy.cli_args" in sys.modules:
-        return
-    if not (COMFY_DIR / "comfy").is_dir():
-        raise SystemExit(f"no ComfyUI at {COMFY_DIR}: run scripts/bootstrap.sh (or set COMFYUI_DIR)")
-    sys.path.insert(0, str(COMFY_DIR))
-    argv, sys.argv = sys.argv, ["main.py", "--disable-api-nodes"] + (["--cpu"] if device.type == "cpu" else [])
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # parses sys.argv, once
-    finally:
-        sys.argv = argv
-
-
-def random_tensor(name, like, generator):
-    """Seeded noise scaled like tests/tiny_models.reinit_ (unit-variance activations at any depth, so
-    nothing overflows in fp16): weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.02^2), norm scales 1."""
-    if like.device.type != "meta":  # real buffers such as CLIP's position ids
-        return like
-    if like.ndim > 1:
-        std = like[0].numel() ** -0.5
-    elif name.endswith("bias"):
-        std = 0.02
-    else:
-        return torch.ones(like.shape, dtype=torch.float16)
-    return (torch.randn(like.shape, generator=generator, device=generator.device, dtype=torch.float16) * std).cpu()
-
-
-def random_checkpoint(name, device):
-    """A cached single-file checkpoint of architecture `name` with random weights, in exactly the layout
-    ComfyUI saves (BaseModel.state_dict_for_saving), so its loader detects the real model."""
-    path = CACHE / f"{name}_random.safetensors"
-    if path.exists():
-        return path
-    import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from safetensors.torch import save_file
-    from tiny_models import SD_VAE
-
-    class_name, unet = ARCHITECTURES[name]
-    config = getattr(comfy.supported_models, class_name)(dict(unet))
-    with torch.device("meta"):  # names and shapes only
-        model = config.get_model({}, device="meta")
-        clip = config.clip_target().clip(device="meta")
-        vae = AutoencoderKL(ddconfig=SD_VAE, embed_dim=4)
-    shapes = model.state_dict_for_saving(model.diffusion_model.state_dict(), clip.state_dict(), vae.state_dict())
-    print(f"  writing {path.name} ({sum(v.numel() for v in shapes.values()) / 1e9:.2f}B parameters, random)", flush=True)
-    # Noise on the GPU when there is one: much faster for SDXL's 3.5B weights.
-    generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(SEED)
-    sd = {k: random_tensor(k, v, generator).contiguous() for k, v in shapes.items()}
-    if name == "sd2":  # SD2.x 768-v: v-prediction
-        sd[SD2_V_PRED_KEY] *= 10
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def load_models(name, size, device):
-    """MODEL, CLIP, VAE as ComfyUI's CheckpointLoaderSimple makes them (inside inference mode)."""
-    import comfy.sd
-    if size == "tiny":
-        from tiny_models import tiny_sd15_checkpoint
-        path = tiny_sd15_checkpoint(seed=0)
-    else:
-        path = random_checkpoint(name, device)
-    with torch.inference_mode():
-        return comfy.sd.load_checkpoint_guess_config(str(path))[:3]
-
-
-def aesthetic_reward(size):
-    """The LAION aesthetic reward as `rewards.load_aesthetic` builds it (open_clip CLIP image tower + the
-    predictor's MLP), with random weights instead of the published files."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    from comfy_draft.rewards.base import frozen
-    from comfy_draft.rewards.clip import AestheticMLP, AestheticReward, OpenClipTowers
-    cfg = REWARD_CLIP[size]
-    torch.manual_seed(SEED)
-    clip = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)
-    mlp = AestheticMLP([cfg["embed_dim"], 1024, 128, 64, 16, 1])
-    return frozen(AestheticReward(OpenClipTowers(clip, cfg["vision_cfg"]["image_size"]).drop_text(), mlp))
-
-
-# ----- timing ---------------------------------------------------------------------------------------
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    synchronize(device)
-    started = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - started
-
-
-def release():
-    """Give back everything ComfyUI and the allocator hold, between configurations."""
-    import comfy.model_management
-    comfy.model_management.unload_all_models()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class PhaseClock:
-    """Wall time per phase of a step. The device is synchronised only when the phase changes (a few
-    times per step), so the clock barely slows the step it measures."""
-
-    def __init__(self, device):
-        self.device = device
-        self.phase = None
-
-    def enter(self, phase):
-        if phase == self.phase:
-            return
-        synchronize(self.device)
-        now = time.perf_counter()
-        if self.phase is not None:
-            self.totals[self.phase] += now - self.since
-        self.phase, self.since = phase, now
-
-    def measure(self, fn):
-        self.totals = collections.defaultdict(float)
-        self.enter("setup")
-        fn()
-        self.enter(None)
-        return dict(self.totals)
-
-
-@contextlib.contextmanager
-def instrumented(trainer, clock):
-    """Wrap the trainer's guided model, decoder and reward so that `clock` sees the phases of its steps:
-    setup (prompts, noise, ComfyUI's sampling setup) -> sampling (no-grad calls) -> differentiated
-    (forward of the differentiated calls) -> decode -> reward -> backward (including the recomputation of
-    checkpointed calls) -> other (ComfyUI's cleanup) -> optimizer (clipping, AdamW, metrics)."""
-    backend, run, decode, reward = trainer.backend, trainer.backend.run, trainer.backend.decode, trainer.reward
-
-    def timed_run(fn, *args, **kwargs):
-        def timed_fn(model, x, sigmas):
-            def timed_model(x, sigma, **kwargs):
-                if clock.phase != "backward":  # calls during backward are checkpoint recomputation
-                    clock.enter("differentiated" if torch.is_grad_enabled() else "sampling")
-                return model(x, sigma, **kwargs)
-            out = fn(timed_model, x, sigmas)
-            clock.enter("other")
-            return out
-        out = run(timed_fn, *args, **kwargs)
-        clock.enter("optimizer")
-        return out
-
-    def timed_decode(x0, checkpoint=True):
-        clock.enter("decode")
-        return decode(x0, checkpoint)
-
-    def timed_reward(images, prompts):
-        clock.enter("reward")
-        scores = reward(images, prompts)
-        clock.enter("backward")  # the trainer forms the loss and backpropagates next
-        return scores
-
-    backend.run, backend.decode, trainer.reward = timed_run, timed_decode, timed_reward
-    try:
-        yield
-    finally:
-        del backend.run, backend.decode  # back to the class's methods
-        trainer.reward = reward
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/: fixtures, also when loaded by file
+from fixtures import (  # noqa: E402
+    ARCHITECTURES, CFG, GIB, PROMPTS, REPO, RESOLUTION, RUNS_AS, SEED, SETUPS, VARIANTS, PhaseClock, account_setup,
+    aesthetic_reward, boot_comfyui, cpu_name, guarded, instrumented, load_models, previous_lora_path, release, timed)
+from fixtures import random_checkpoint  # noqa: E402, F401  (tests/test_real_size.py reads speed.random_checkpoint)
 
 
 # ----- measurements ---------------------------------------------------------------------------------
@@ -327,30 +100,6 @@ def compare_sampling(model, clip, vae, reward, res, args, device):
     return {"ksampler_s": k, "ours_s": o, "ratio": k / o, "training_chain_s": t, "ratio_training_chain": k / t,
             "training_chain_rebuilt_s": r, "ratio_training_chain_rebuilt": k / r, "runs_s": times,
             "max_abs_diff": (outputs["ksampler"].float().cpu() - outputs["ours"].float().cpu()).abs().max().item()}
-
-
-@contextlib.contextmanager
-def previous_lora_path(backend):
-    """The trainer's LoRAs as the pack applied them before issue 14, for side-by-side timing: ComfyUI weight
-    wrappers, W + delta rebuilt inside every op's weight cast, instead of the bypass hooks."""
-    import comfy.model_management
-
-    from comfy_draft.lora import attach
-    unet = backend.model.model.diffusion_model
-    for hook in backend.lora_hooks:
-        hook.remove()
-    keys = {f"diffusion_model.{path}.weight": backend.loras[name] for path, name in backend.lora_modules.items()}
-    for key, lora in keys.items():
-        backend.model.add_weight_wrapper(key, lora)
-    comfy.model_management.unload_model_and_clones(backend.model)  # the next run loads with the wrappers
-    try:
-        yield
-    finally:
-        for key in keys:
-            del backend.model.weight_wrapper_patches[key]
-        comfy.model_management.unload_model_and_clones(backend.model)
-        backend.lora_hooks = [attach(unet.get_submodule(path), backend.loras[name])
-                              for path, name in backend.lora_modules.items()]
 
 
 def memory_estimate(model, clip, vae, reward, res, args):
@@ -480,17 +229,6 @@ def measure_variant(model, clip, vae, reward, variant, res, args, device):
         result["peak_gb"] = max(peaks) / 1e9
         result["resident_gb"] = resident / 1e9  # weights, LoRA and optimizer state before a step
     return result
-
-
-def guarded(fn, *args):
-    """fn(*args), or "OOM" when the device runs out of memory (the frames holding its tensors are gone
-    once this returns, so the next configuration starts clean)."""
-    try:
-        return fn(*args)
-    except torch.OutOfMemoryError:
-        return "OOM"
-    finally:
-        release()
 
 
 def benchmark_model(name, args, device, reward, results, write):
@@ -674,14 +412,6 @@ def target_checks(results):
     return lines + [""]
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -697,7 +427,7 @@ def main(argv=None):
     p.add_argument("--sampling-repeats", type=int, default=7,
                    help="rounds of the no-grad sampling comparison (cheap, and its 0.95 target needs a tight median)")
     p.add_argument("--no-checkpointing", action="store_true", help="train without recomputation (more memory)")
-    p.add_argument("--accounting", nargs="*", choices=list(ACCOUNTING), help="tensor accounting (bench/accounting.py) "
+    p.add_argument("--accounting", nargs="*", choices=list(SETUPS), help="tensor accounting (bench/accounting.py) "
                    "of a DRaFT-LV step at real size for these configurations; default with --size real: all")
     p.add_argument("--no-timing", action="store_true", help="only the tensor accounting")
     p.add_argument("--accounting-from", type=pathlib.Path,
@@ -742,20 +472,16 @@ def main(argv=None):
     if args.accounting_from is None and device.type == "cuda" and args.size == "real" and cpu_accounting.exists():
         args.accounting_from = cpu_accounting
     if args.accounting is None:
-        args.accounting = list(ACCOUNTING) if args.size == "real" and args.accounting_from is None else []
+        args.accounting = list(SETUPS) if args.size == "real" and args.accounting_from is None else []
     results["args"]["accounting"] = args.accounting
     if args.accounting_from:
         results["args"]["accounting_from"] = str(args.accounting_from)
         results["accounting"] = json.loads(args.accounting_from.read_text()).get("accounting", [])
     elif args.accounting:
-        import accounting
         results["accounting"] = []
         for name in args.models:
             for config in args.accounting:
-                r = accounting.account(name, RESOLUTION["real"][name], **ACCOUNTING[config])
-                r["config"] = config
-                print(accounting.describe(r), flush=True)
-                results["accounting"].append(r)
+                results["accounting"].append(account_setup(name, config))
                 write()
     reward = aesthetic_reward(args.size)
     for name in [] if args.no_timing else args.models:
