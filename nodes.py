@@ -1,6 +1,5 @@
 """ComfyUI nodes: thin declarations that hand off to the comfy_draft library."""
 import json
-import logging
 import os
 
 import comfy.model_management
@@ -10,10 +9,11 @@ import folder_paths
 import latent_preview
 import torch
 
-from .comfy_draft import memory, rewards
+from .comfy_draft import rewards
 from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import atomic_write, load_kohya_file
 from .comfy_draft.plotting import curve_image, image_grid
+from .comfy_draft.run import RunFiles, run
 from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer, check_reward
 from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, held_out_images,
                                      strength_sweep, sweep_table)
@@ -95,7 +95,7 @@ class DRaFTPGRAFTSampler:
                              f"lora_fraction to the fraction of the steps the LoRA should run")
         lora_model = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]  # a patched clone
         callback = latent_preview.prepare_callback(model, steps)
-        samples = backend.sample_switched(lora_model, model, positive, negative, latent_image, seed, steps, cfg,
+        samples = backend.sample_lora_then_base(lora_model, model, positive, negative, latent_image, seed, steps, cfg,
                                           fraction, callback=callback,
                                           disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         return (latent_output(latent_image, samples),)
@@ -414,7 +414,7 @@ def policy_inputs(d):
     }
 
 
-CHECKPOINTING = {"auto": "auto", "on": True, "blocks": "blocks", "off": False}  # options node -> TrainConfig
+GRADIENT_CHECKPOINTING = {"auto": "auto", "on": True, "blocks": "blocks", "off": False}  # options node -> TrainConfig
 
 
 def training_option_inputs():
@@ -429,12 +429,11 @@ def training_option_inputs():
         "accumulation": ("INT", {"default": d.accumulation, "min": 1, "max": 256,
                                  "tooltip": "Micro-batches per optimizer step: the batch of batch_size x "
                                             "accumulation in the memory of batch_size."}),
-        "checkpointing": (list(CHECKPOINTING), {"default": "auto",
-                                                "tooltip": "Recompute activations in the backward pass instead of "
-                                                           "keeping them: on (each UNet call and decoder block), "
-                                                           "blocks (also inside each UNet call: least memory), off "
-                                                           "(fastest), auto (the least recomputation that fits the "
-                                                           "GPU by the memory estimate; on off the GPU)."}),
+        "gradient_checkpointing": (list(GRADIENT_CHECKPOINTING), {
+            "default": "auto", "tooltip": "Recompute activations in the backward pass instead of keeping them: on "
+                                         "(each UNet call and decoder block), blocks (also inside each UNet call: "
+                                         "least memory), off (fastest), auto (the least recomputation that fits the "
+                                         "GPU by the memory estimate; on off the GPU)."}),
         "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16,
                                "tooltip": "draft-lv: re-noised copies of the final latent per sample."}),
         "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000,
@@ -456,12 +455,12 @@ def training_options(options):
     """The options node's values as TrainConfig takes them, or the defaults where no options node is connected."""
     inputs = {**training_option_inputs(), **policy_inputs(TrainConfig(prompts=[""]))}
     o = {**{name: spec[1]["default"] for name, spec in inputs.items()}, **(options or {})}
-    return dict(o, checkpointing=CHECKPOINTING[o["checkpointing"]])
+    return dict(o, gradient_checkpointing=GRADIENT_CHECKPOINTING[o["gradient_checkpointing"]])
 
 
 class DRaFTTrainingOptions:
     DESCRIPTION = ("Advanced settings for DRaFT Train LoRA (connect to its `options` input): precision, gradient "
-                   "accumulation and checkpointing (memory), the draft-k and draft-lv parameters, the regulariser, "
+                   "accumulation and gradient checkpointing (memory), the draft-k and draft-lv parameters, the regulariser, "
                    "the reward's decode size and how often to save. Without it the trainer uses these defaults.")
     CATEGORY = "DRaFT"
     FUNCTION = "build"
@@ -558,7 +557,7 @@ class DRaFTTrainLoRA:
                          "validation": ("DRAFT_VALIDATION", {"tooltip": "Held-out validation, keep-best and early "
                                                                         "stopping (DRaFT Validation node)."}),
                          "options": ("DRAFT_OPTIONS", {"tooltip": "Advanced settings (DRaFT Training Options node): "
-                                                                  "precision, accumulation, checkpointing, k, "
+                                                                  "precision, accumulation, gradient_checkpointing, k, "
                                                                   "lv_samples, kl_coef, reward_resolution, "
                                                                   "save_every and the ddpo / graft / pgraft "
                                                                   "settings."})},
@@ -583,53 +582,36 @@ class DRaFTTrainLoRA:
             lv_samples=o["lv_samples"], steps=training_steps, sampling_steps=sampling_steps, cfg=cfg, width=width,
             height=height, batch_size=batch_size, lr=learning_rate, rank=rank, seed=seed, save_every=save_every,
             kl_coef=o["kl_coef"], reward_resolution=o["reward_resolution"], precision=o["precision"],
-            accumulation=o["accumulation"], checkpointing=o["checkpointing"], inner_epochs=o["inner_epochs"],
-            samples_per_prompt=o["graft_samples_per_prompt"], accepted_per_prompt=o["graft_accepted_per_prompt"],
+            accumulation=o["accumulation"], gradient_checkpointing=o["gradient_checkpointing"],
+            inner_epochs=o["inner_epochs"], samples_per_prompt=o["graft_samples_per_prompt"], accepted_per_prompt=o["graft_accepted_per_prompt"],
             pgraft_fraction=o["pgraft_fraction"], timestep_fraction=o["ddpo_timestep_fraction"],
             clip_range=o["ddpo_clip_range"], adv_clip_max=o["ddpo_adv_clip_max"])
-        config.validate()
+        config.check()
         check_reward(reward, config)  # before copying the model
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             lora_name, folder_paths.get_folder_paths("loras")[0])
-        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")  # never overwrites
         states = os.path.join(folder_paths.get_output_directory(), "draft_training")
-        state = os.path.join(states, resume_state if resume_state != "none" else
-                             os.path.join(subfolder, f"{name}_{counter:05}_.state.pt"))
+        files = RunFiles(os.path.join(folder, f"{name}_{counter:05}_.safetensors"),  # a counter: never overwrites
+                         folder=os.path.join(states, subfolder))
         validator = Validator(*validation) if validation is not None else None
         floor = validator.config.diversity_floor if validator is not None else 0.0
-        trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config,
-                          [self.reporter(unique_id, training_steps, floor)], checkpoint_path=state, validator=validator)
+        trainer = Trainer(backend.TrainingBackend(model, clip, vae), reward, config, validator=validator)
+        trainer.callbacks.append(self.reporter(trainer, unique_id, training_steps, floor))
         held_out = validator.config.prompts if validator is not None else []
         trainer.backend.encode([*config.prompts, config.negative_prompt, *held_out])  # CLIP's work done up front
-        estimate = trainer.memory_estimate()
-        logging.info("DRaFT: %s", memory.describe(estimate))
-        # ComfyUI frees memory for inference only: evict cached models (CLIP, other UNets) to make room.
-        comfy.model_management.free_memory(estimate["total"], trainer.backend.device)
-        if resume_lora != "none":
-            lora_file = folder_paths.get_full_path_or_raise("loras", resume_lora)
-            trainer.loras.load_kohya_state_dict(load_kohya_file(lora_file)[0], lora_file)
-        if resume_state != "none":
-            trainer.load_checkpoint(state)  # refuses a state made with other settings, naming them
-            CHART_HISTORY[str(unique_id)]["steps"][:0] = [  # the chart shows the whole run, not only its rest
-                chart_event(m, unique_id, training_steps, floor) for m in trainer.history]
+        resume = os.path.join(states, resume_state) if resume_state != "none" else None
+        init_lora = folder_paths.get_full_path_or_raise("loras", resume_lora) if resume_lora != "none" else None
 
-        def save_snapshot(metrics, images):  # a LoRA and its preview per save_every steps, to compare on the canvas
-            if save_every and metrics["step"] % save_every == 0 and metrics["step"] < training_steps:
-                save_preview(trainer, trainer.save_lora(path.replace("_.safetensors",
-                                                                     f"_step{metrics['step']}_.safetensors")))
-        trainer.callbacks.append(save_snapshot)
+        def make_room(estimate):  # ComfyUI frees memory for inference only: evict cached models (CLIP, other UNets)
+            comfy.model_management.free_memory(estimate["total"], trainer.backend.device)
         try:
-            history = trainer.train()
-        except comfy.model_management.InterruptProcessingException:
-            if trainer.step:
-                trainer.save_lora(path.replace("_.safetensors", f"_partial_{trainer.step}_.safetensors"))
-            raise
+            path = run(trainer, files, resume, init_lora, make_room,
+                       interrupts=(comfy.model_management.InterruptProcessingException, KeyboardInterrupt),
+                       saved=(lambda lora: save_preview(trainer, lora)) if save_every else None)
         finally:
             CHART_HISTORY[str(unique_id)]["kept_step"] = trainer.kept_step
             save_chart_history()
-        trainer.save_lora(path)
-        if save_every:  # the last snapshot, beside the others
-            save_preview(trainer, path)
+        history = trainer.history
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
             curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
@@ -649,9 +631,9 @@ class DRaFTTrainLoRA:
         return {"ui": {"text": [text]},
                 "result": (patched, path, curve, history[-1]["reward"])}
 
-    def reporter(self, node_id, total, diversity_floor=0.0):
+    def reporter(self, trainer, node_id, total, diversity_floor=0.0):
         """Progress bar, sample previews, the chart's websocket event (kept in CHART_HISTORY for replay) and the
-        interrupt check, per step."""
+        interrupt check, per step. A resumed run's chart starts with the steps of its training state."""
         import server
         from PIL import Image
 
@@ -666,6 +648,8 @@ class DRaFTTrainLoRA:
                 grid = images.movedim(1, -1).flatten(0, 1) if images.shape[0] <= 4 else images[0].movedim(0, -1)
                 preview = ("JPEG", Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8")), 512)
             bar.update_absolute(step, total, preview)
+            if not chart["steps"]:
+                chart["steps"] = [chart_event(m, node_id, total, diversity_floor) for m in trainer.history[:-1]]
             event = chart_event(metrics, node_id, total, diversity_floor)
             chart["steps"].append(event)
             instance = server.PromptServer.instance
@@ -803,7 +787,7 @@ class DRaFTAIGSampler:
 
     def sample(self, base_model, model, positive, negative, latent_image, seed, steps, cfg, schedule, p, f):
         callback = latent_preview.prepare_callback(model, steps)
-        samples = backend.sample_aig(base_model, model, positive, negative, latent_image, seed, steps, cfg,
+        samples = backend.sample_mixed(base_model, model, positive, negative, latent_image, seed, steps, cfg,
                                      schedule, p, f, callback=callback,
                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         return (latent_output(latent_image, samples),)

@@ -53,7 +53,7 @@ SETUPS = {
     "after: bypass, decoder blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="call"),
     "after, UNet blocks": dict(lora="bypass", decode="blocks", unet_checkpoint="blocks"),
     # No gradient checkpointing anywhere, the decoder's blocks included: what the trainer runs with
-    # checkpointing=False (`Trainer.batches_copies`: it then also batches the n copies). accounting.py's own
+    # gradient_checkpointing=False (`Trainer.batches_copies`: it then also batches the n copies). accounting.py's own
     # "after, no checkpointing" used to keep the decoder blocks checkpointed; the committed figures
     # (bench/results/speed_real_cpu.*, docs/speed.md) are of this one.
     "after, no checkpointing (n copies batched)": dict(lora="bypass", decode="off", unet_checkpoint="off",
@@ -335,9 +335,9 @@ def instrumented(trainer, clock):
         clock.enter("optimizer")
         return out
 
-    def timed_decode(x0, checkpoint=True):
+    def timed_decode(x0, recompute=True):
         clock.enter("decode")
-        return decode(x0, checkpoint)
+        return decode(x0, recompute)
 
     def timed_reward(images, prompts):
         clock.enter("reward")
@@ -431,9 +431,9 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
     call) or "off".
     lv_batched: the n re-noised copies as one guided call of batch n.
     """
-    from comfy_draft import checkpointing
+    from comfy_draft import blockwise
     from comfy_draft.memory import LiveBytes
-    from comfy_draft.sampling import checkpointed
+    from comfy_draft.sampling import recomputed
 
     with gpu_attention():
         unet, vae, reward, unet_config = meta_models(name, dtype)
@@ -453,21 +453,21 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
             return x - sigma * (uncond + 7.5 * (cond - uncond))
 
         # As the backends run them: "blocks" nests each UNet block's checkpoint inside the call's.
-        call = checkpointing.within(guided, checkpointing.blocks(unet, checkpointing.UNET_BLOCKS)) \
+        call = blockwise.within(guided, blockwise.blocks(unet, blockwise.UNET_BLOCKS)) \
             if unet_checkpoint == "blocks" else guided
 
         def model(x, sigma):
-            return checkpointed(call, x, sigma, enabled=unet_checkpoint != "off")
+            return recomputed(call, x, sigma, enabled=unet_checkpoint != "off")
 
         def decode_one(z):
             return vae.decode(z.to(dtype)).float()
 
         def decode_images(x0):
             if decode == "blocks":
-                blocks = checkpointing.blocks(vae.decoder, checkpointing.DECODER_BLOCKS)
-                images = checkpointing.per_image(decode_one, x0, blocks)
+                blocks = blockwise.blocks(vae.decoder, blockwise.DECODER_BLOCKS)
+                images = blockwise.per_image(decode_one, x0, blocks)
             else:
-                images = checkpointed(decode_one, x0, enabled=decode == "whole")
+                images = recomputed(decode_one, x0, enabled=decode == "whole")
             return ((images + 1) / 2).clamp(0, 1)
 
         sigma = torch.tensor(0.03)

@@ -110,13 +110,13 @@ def memory_estimate(model, clip, vae, reward, res, args):
     config = TrainConfig(prompts=PROMPTS, sampling_steps=args.steps, cfg=CFG, width=res, height=res, batch_size=1,
                          precision="bf16", variant="draft-lv", lv_samples=2, seed=SEED)
     e = memory.estimate(Trainer(TrainingBackend(model, clip, vae), reward, config))
-    return {**e, "resolution": res, "checkpointing": config.checkpointing}
+    return {**e, "resolution": res, "checkpointing": config.gradient_checkpointing}
 
 
 def train_config(variant, res, args):
     from comfy_draft.trainer import TrainConfig
     return TrainConfig(prompts=PROMPTS, sampling_steps=args.steps, cfg=CFG, width=res, height=res,
-                       batch_size=args.batch_size, checkpointing=not args.no_checkpointing, steps=10 ** 9, seed=SEED,
+                       batch_size=args.batch_size, gradient_checkpointing=not args.no_checkpointing, steps=10 ** 9, seed=SEED,
                        **VARIANTS[variant])
 
 
@@ -224,7 +224,7 @@ def measure_variant(model, clip, vae, reward, variant, res, args, device):
               "phases_s": {p: statistics.median([s.get(p, 0.0) for s in steps]) for p in steps[0]},
               "units_s": units, "unavoidable_s": parts, "unavoidable_total_s": sum(parts.values()),
               "overhead_ratio": statistics.median(totals) / sum(parts.values())}
-    result["checkpointing"] = trainer.checkpointing  # as resolved by the policy
+    result["checkpointing"] = trainer.gradient_checkpointing  # as resolved by the policy
     if device.type == "cuda":  # GB = 10^9 bytes, the unit of the targets
         result["peak_gb"] = max(peaks) / 1e9
         result["resident_gb"] = resident / 1e9  # weights, LoRA and optimizer state before a step

@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-from . import distributed, loading
+from . import distributed, loading, memory
+from .run import RunFiles, run
 from .trainer import VARIANTS, TrainConfig, Trainer, check_processes, check_reward
 from .validation import FIRST_HELD_OUT_SEED, ValidationConfig, Validator
 
@@ -135,9 +136,10 @@ def train_parser(sub):
     p = sub.add_parser("train", help="train a DRaFT LoRA on a reward",
                        formatter_class=DefaultsOnce)
     add_model_arguments(p)
-    p.add_argument("--out", required=True, help="LoRA file to write (kohya .safetensors); also <out>.ckpt, <out>.jsonl")
+    p.add_argument("--out", required=True, help="LoRA file to write (kohya .safetensors); beside it the training "
+                   "state <stem>.state.pt, the log <stem>.jsonl and snapshots (README: the files of a run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing LoRA file")
-    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt (same settings)")
+    p.add_argument("--resume", action="store_true", help="continue from <stem>.state.pt (same settings)")
     p.add_argument("--init-lora", help="start from this kohya LoRA file (same rank and targets)")
     p.add_argument("--prompts", nargs="+", help="training prompts")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -173,9 +175,10 @@ def train_parser(sub):
     p.add_argument("--print-every", type=int, default=10,
                    help="without a terminal: a line every N steps (and the first, the last, validations)")
     p.add_argument("--log-dir", help="also write a TensorBoard log into this folder (needs tensorboard installed)")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", default="auto",
+    p.add_argument("--no-gradient-checkpointing", "--no-checkpointing", dest="gradient_checkpointing",
+                   action="store_false", default="auto",
                    help="keep activations instead of recomputing them (faster, more memory; default: recompute "
-                        "only what the memory estimate says the GPU needs)")
+                        "only what the memory estimate says the GPU needs; --no-checkpointing: its name until 0.2)")
     v = ValidationConfig(prompts=[""])
     p.add_argument("--val-prompts", nargs="+", help="held-out prompts: validate every --val-every steps")
     p.add_argument("--val-seeds", type=int, default=len(v.seeds), help="held-out samples per prompt")
@@ -197,8 +200,6 @@ def validator_from(args):
 
 
 def train(args):
-    from .lora import load_kohya_file
-
     prompts = list(args.prompts or [])
     if args.prompts_file:
         with open(args.prompts_file) as f:
@@ -206,14 +207,16 @@ def train(args):
     config = TrainConfig(prompts=prompts, **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                                              if f.name != "prompts"})
     try:
-        config.validate()
+        config.check()
         if args.print_every < 1:
             raise ValueError(f"--print-every must be >= 1, got {args.print_every}")
         validator = validator_from(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    files = RunFiles(args.out)
     if os.path.exists(args.out) and not (args.overwrite or args.resume):
         raise SystemExit(f"{args.out} exists: pass --overwrite to replace it or --resume to continue")
+    resume = resumable_state(files) if args.resume else None
     rank0 = distributed.is_main()  # under torchrun only rank 0 logs, prints and writes files
     board = tensorboard_writer(args.log_dir) if args.log_dir and rank0 else None
     reward = build_reward(args)  # before the model: a bad reward file fails fast
@@ -223,13 +226,9 @@ def train(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     backend = load_backend(args)
-    checkpoint, log_path = args.out + ".ckpt", os.path.splitext(args.out)[0] + ".jsonl"
-    log = open(log_path, "a" if args.resume else "w") if rank0 else None
     warned, show = [], progress(config.steps, args.print_every)
 
     def report(metrics, images):
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
         if board is not None:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -243,42 +242,43 @@ def train(args):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
             warned.append(warning)
 
-    trainer = Trainer(backend, reward, config, [report] if rank0 else [], checkpoint_path=checkpoint,
-                      validator=validator)
-    from .memory import describe
+    trainer = Trainer(backend, reward, config, [report] if rank0 else [], validator=validator)
+
+    def describe(estimate):
+        if not rank0:
+            return
+        text = memory.describe(estimate)
+        if trainer.processes > 1:
+            text = (f"{trainer.processes} processes on {backend.device.type}, {text} per process; global batch "
+                    f"{config.batch_size} x {trainer.processes} x {config.accumulation}")
+        print(text, flush=True)
     try:
-        estimate = describe(trainer.memory_estimate())
-    except MemoryError as e:
+        run(trainer, files, resume, args.init_lora, describe)
+    except (MemoryError, ValueError) as e:  # the memory check, a state made with other settings
         raise SystemExit(f"error: {e}") from None
-    if rank0 and trainer.processes > 1:
-        print(f"{trainer.processes} processes on {backend.device.type}, {estimate} per process; global batch "
-              f"{config.batch_size} x {trainer.processes} x {config.accumulation}", flush=True)
-    elif rank0:
-        print(estimate, flush=True)
-    if args.resume:
-        try:
-            trainer.load_checkpoint(checkpoint)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    elif args.init_lora:
-        trainer.loras.load_kohya_state_dict(load_kohya_file(args.init_lora)[0], args.init_lora)
-    try:
-        trainer.train()
     except KeyboardInterrupt:
-        partial = os.path.splitext(args.out)[0] + f".partial-{trainer.step}.safetensors"
-        if trainer.save_lora(partial, overwrite=True):
-            print(f"interrupted at step {trainer.step}: LoRA saved as {partial}; resume with --resume", file=sys.stderr)
+        if rank0 and trainer.step:
+            print(f"interrupted at step {trainer.step}: LoRA saved as {files.partial(trainer.step)}; resume with "
+                  f"--resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         show.close()  # early stop or interruption: the next lines start below the bar
-        if log:
-            log.close()
         if board is not None:
             board.close()
-    if not trainer.save_lora(args.out, overwrite=True):
+    if not rank0:
         return
     kept = f" (the best validated LoRA, of step {trainer.kept_step})" if trainer.kept_step != trainer.step else ""
-    print(f"LoRA written to {args.out}{kept} (log {log_path}, checkpoint {checkpoint})")
+    print(f"LoRA written to {files.lora}{kept} (log {files.log}, training state {files.state})")
+
+
+def resumable_state(files):
+    """The state `--resume` continues: `<stem>.state.pt`, or the `<out>.ckpt` that version 0.1 wrote."""
+    old = files.lora + ".ckpt"
+    if not os.path.exists(files.state) and os.path.exists(old):
+        return old
+    if not os.path.exists(files.state):
+        raise SystemExit(f"error: no training state to resume: {files.state} does not exist")
+    return files.state
 
 
 def sweep_parser(sub):
@@ -390,4 +390,4 @@ def main(argv=None):
     elif args.command == "score":
         score(args)
     elif args.command == "demo":
-        demo.run(args)
+        demo.main(args)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from . import digits
 from .plotting import curve_image, image_grid
+from .run import RunFiles, run
 from .sampling import sample_ddim
 from .trainer import TrainConfig, Trainer
 from .validation import held_out_images
@@ -85,7 +86,7 @@ def add_parser(sub):
                    help="also sample the trained LoRA with annealed importance guidance, power_p schedule")
 
 
-def run(args):
+def main(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     target = None if args.target == "prompted" else int(args.target)
@@ -102,11 +103,8 @@ def run(args):
     config = TrainConfig(prompts=train_prompts, variant=args.variant, steps=args.steps, lr=args.lr, cfg=args.cfg,
                          sampling_steps=args.sampling_steps, width=digits.SIZE, height=digits.SIZE,
                          batch_size=args.batch_size, seed=args.seed, weight_decay=0.0, kl_coef=kl_coef)
-    log = open(os.path.join(args.out, "log.jsonl"), "w")
 
     def report(metrics, images):
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
         if metrics["step"] % 10 == 0 or metrics["step"] == 1:
             print(f"step {metrics['step']:4d}/{config.steps}  reward {metrics['reward']:+.3f}  "
                   f"grad norm {metrics['grad_norm']:.3g}  {metrics['seconds']:.2f}s/step", flush=True)
@@ -118,7 +116,8 @@ def run(args):
     goal = f"digit {target}" if target is not None else "the prompted digit"
     print(f"before: {verdict(before, goal)}")
     started = time.time()
-    trainer.train()
+    files = RunFiles(os.path.join(args.out, "digits_draft.safetensors"))
+    lora = run(trainer, files)
     after, after_images = evaluate(*eval_args)
     print(f"after {config.steps} steps ({time.time() - started:.0f}s): {verdict(after, goal)}")
     summary = {"before": before, "after": after}
@@ -127,11 +126,10 @@ def run(args):
         aig = AIGBackend(backend, trainer.loras, "power_p", args.aig_p)
         summary["after_aig"] = evaluate(aig, *eval_args[1:])[0]
         print(f"after, sampled with AIG (power_p, p = {args.aig_p:g}): {verdict(summary['after_aig'], goal)}")
-    lora = trainer.save_lora(os.path.join(args.out, "digits_draft.safetensors"), overwrite=True)
     Image.fromarray(curve_image(trainer.history)).save(os.path.join(args.out, "reward_curve.png"))
     columns = len(held_out_seeds) if target is None else 16
     Image.fromarray(image_grid(torch.cat([before_images, after_images]), columns, 4)).save(os.path.join(args.out, "before_after.png"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(dict(summary, config=vars(args)), f, indent=1)
-    print(f"wrote {lora}, reward_curve.png, before_after.png (top: before, bottom: after), log.jsonl in {args.out}")
-    log.close()
+    print(f"wrote {os.path.basename(lora)}, its log {os.path.basename(files.log)} and training state, "
+          f"reward_curve.png and before_after.png (top: before, bottom: after) in {args.out}")

@@ -4,7 +4,7 @@ comfy_draft train ...`): NCCL with one GPU per process (cuda:LOCAL_RANK), gloo o
 Every process holds the whole model and the same LoRA; each draws its own micro-batches (see
 `trainer.step_generator`), and after a step's micro-batches the LoRA gradients are averaged by one explicit
 all-reduce of their flattened concatenation. Not DistributedDataParallel: the backward passes run inside the
-backends' sampling calls (ComfyUI's guider, checkpointed recomputation, several model calls per backward),
+backends' sampling calls (ComfyUI's guider, recomputed recomputation, several model calls per backward),
 on LoRAs patched into a model the trainer does not own, and LoRA gradients are small enough (megabytes) that
 DDP's overlap of communication with backward would buy little. Identical gradients on every process give
 identical AdamW steps, so the LoRAs stay identical without broadcasting weights.

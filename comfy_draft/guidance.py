@@ -88,8 +88,8 @@ class AIGBackend:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, recompute=False):
         def mixed(model, x, sigmas):
             weights = aig_weights(len(sigmas) - 1, self.schedule, self.p, self.f)
             return fn(Mixed(*lora_toggled(model, self.loras), sigmas, weights), x, sigmas)
-        return self.backend.run(mixed, prompts, negative_prompt, cfg, noise, steps, checkpoint)
+        return self.backend.run(mixed, prompts, negative_prompt, cfg, noise, steps, recompute)

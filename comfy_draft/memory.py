@@ -4,12 +4,12 @@ weights      every parameter and buffer of the UNet, VAE, text encoder and rewar
              the validation judges (in the training dtype, as validation copies them)
 training     LoRA weights, gradients and AdamW's two moments (exact, float32)
 activations  what autograd keeps, counted by a probe: one UNet call, one VAE decode and one reward call run
-             with gradient at a small latent size, their saved tensors (or, checkpointed, the peak of their
-             forward + backward) measured and scaled to the real batch and area. With checkpointing only one
+             with gradient at a small latent size, their saved tensors (or, recomputed, the peak of their
+             forward + backward) measured and scaled to the real batch and area. With gradient checkpointing only one
              UNet call (or, with "blocks", one UNet block) or one image's decode is expanded at a time during
              backward, but every reward call of the step (n for DRaFT-LV) holds its activations.
 
-`checkpointing_policy` picks the checkpointing of TrainConfig's "auto" from these estimates.
+`choose_gradient_checkpointing` picks the checkpointing of TrainConfig's "auto" from these estimates.
 """
 import collections
 
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
 
-ADVICE = ("lower batch_size (use accumulation for the same effective batch), keep checkpointing on, train in "
+ADVICE = ("lower batch_size (use accumulation for the same effective batch), keep gradient checkpointing on, train in "
           "bf16/fp16 (precision), decode for the reward at a lower resolution (reward_resolution, e.g. 256), "
           "use fewer lv_samples or a smaller K")
 
@@ -61,7 +61,7 @@ class LiveBytes(TorchDispatchMode):
     recomputation included), a device-independent stand-in for a GPU's max_memory_allocated that also runs on
     the meta device (shapes only, no storage). Views and in-place results of tensors made before (weights) are
     not allocations and are not counted. At the peak, `at_peak` splits the bytes by `tag`: the innermost entry
-    of `tags` (pushed by `bench/accounting.tagging` per model) when the storage was made, else `phase`."""
+    of `tags` (pushed by `bench/fixtures.tagging` per model) when the storage was made, else `phase`."""
 
     def __init__(self):
         super().__init__()
@@ -103,8 +103,8 @@ def peak_bytes(fn):
 
 def probe(trainer):
     """What one step's pieces hold at the probe size, for 1 and 2 images: saved bytes of one UNet call, decode and
-    reward call without checkpointing, and the peak of forward + backward of one UNet call with its blocks
-    checkpointed ("unet_blocks") and of one checkpointed decode ("decode_checkpointed")."""
+    reward call without recomputation, and the peak of forward + backward of one UNet call with its blocks
+    recomputed ("unet_blocks") and of one recomputed decode ("decode_recomputed")."""
     c, backend = trainer.config, trainer.backend
     shape = backend.latent_shape(c.batch_size, c.height, c.width)
     side = min(PROBE_LATENT, shape[-1], shape[-2])
@@ -117,9 +117,9 @@ def probe(trainer):
                 sigma = sigmas[-2] * x.new_ones(batch)
                 sizes["unet"] = saved_bytes(lambda: model(x, sigma))
                 latent = x.detach().requires_grad_(True)
-                sizes["decode"] = saved_bytes(lambda: backend.decode(latent, checkpoint=False))
-                sizes["decode_checkpointed"] = peak_bytes(
-                    lambda: torch.autograd.grad(backend.decode(latent[:1], checkpoint=True).sum(), latent))
+                sizes["decode"] = saved_bytes(lambda: backend.decode(latent, recompute=False))
+                sizes["decode_recomputed"] = peak_bytes(
+                    lambda: torch.autograd.grad(backend.decode(latent[:1], recompute=True).sum(), latent))
                 full = torch.full((batch, 3, c.height, c.width), 0.5, device=latent.device, requires_grad=True)
                 sizes["reward"] = saved_bytes(lambda: trainer.reward(full, c.prompts[:1] * batch))
             return x
@@ -131,17 +131,17 @@ def probe(trainer):
                     lambda: torch.autograd.grad(model(x, sigmas[-2] * x.new_ones(batch)).sum(), x))
             return x
 
-        noise = torch.randn(batch, *shape[1:-2], side, side)
+        noise = torch.randn(batch, *shape[1:-2], side, side, generator=torch.Generator().manual_seed(0))  # not the run's RNG
         backend.run(fn, c.prompts[:1] * batch, c.negative_prompt, c.cfg, noise, 2)
-        backend.run(blocks, c.prompts[:1] * batch, c.negative_prompt, c.cfg, noise, 2, checkpoint="blocks")
+        backend.run(blocks, c.prompts[:1] * batch, c.negative_prompt, c.cfg, noise, 2, recompute="blocks")
         return sizes
 
     with torch.inference_mode(False), torch.enable_grad():
         return at(1), at(2), shape[-2] * shape[-1] / side ** 2
 
 
-def estimate(trainer, checkpointing=True, probed=None):
-    """{"weights", "training", "activations", "total"} in bytes for one step of `trainer` with `checkpointing`
+def estimate(trainer, gradient_checkpointing=True, probed=None):
+    """{"weights", "training", "activations", "total"} in bytes for one step of `trainer` with `gradient_checkpointing`
     (False, True or "blocks"; `probed`: a `probe(trainer)` to reuse)."""
     c, backend = trainer.config, trainer.backend
     one, two, area = probed or probe(trainer)
@@ -153,9 +153,9 @@ def estimate(trainer, checkpointing=True, probed=None):
 
     rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1
     differentiated = {"draft": c.sampling_steps, "draft-k": c.grad_steps, "alignprop": c.sampling_steps}.get(c.variant, 1)
-    if checkpointing:  # inputs are kept; during backward one call is expanded, or one image's decode
-        unet = cost("unet_blocks") if checkpointing == "blocks" else cost("unet")
-        expanded = max(unet, cost("decode_checkpointed", images=1))
+    if gradient_checkpointing:  # inputs are kept; during backward one call is expanded, or one image's decode
+        unet = cost("unet_blocks") if gradient_checkpointing == "blocks" else cost("unet")
+        expanded = max(unet, cost("decode_recomputed", images=1))
     else:
         expanded = rewards_per_step * (differentiated * cost("unet") + cost("decode"))
     activations = expanded + rewards_per_step * cost("reward", scales=False)
@@ -163,15 +163,15 @@ def estimate(trainer, checkpointing=True, probed=None):
     weights = tensor_bytes([*backend.modules(), trainer.reward]) + tensor_bytes(judges, trainer.dtype)
     training = 4 * sum(p.numel() * 4 for p in trainer.params)
     return {"weights": weights, "training": training, "activations": int(activations),
-            "total": int(weights + training + activations), "checkpointing": checkpointing}
+            "total": int(weights + training + activations), "gradient_checkpointing": gradient_checkpointing}
 
 
-def checkpointing_policy(trainer, device_total=None):
-    """The checkpointing a step runs with: `TrainConfig.checkpointing` when it is False or "blocks"; otherwise the
+def choose_gradient_checkpointing(trainer, device_total=None):
+    """The gradient checkpointing a step runs with: `TrainConfig.gradient_checkpointing` when it is False or "blocks"; otherwise the
     least recomputation whose estimate fits in 90% of the device's memory (`device_total` bytes, by default the
     CUDA device's), from False ("auto" only) to True to "blocks". Without a known budget (CPU) "auto" and True
     are True."""
-    forced = trainer.config.checkpointing
+    forced = trainer.config.gradient_checkpointing
     if forced is False or forced == "blocks":
         return forced
     device = trainer.backend.device

@@ -1,6 +1,6 @@
 """Fine-tuning without reward gradients, beside DRaFT: DDPO (reinforcement learning) and GRAFT / P-GRAFT
 (rejection sampling). Each trainer step's micro-batch becomes a loss here (`micro_batch`); the trainer's loop,
-optimizer, clipping, checkpoints and validation are DRaFT's own. The reward is only ever called without
+optimizer, clipping, training states and validation are DRaFT's own. The reward is only ever called without
 gradient, so it may be any scorer (`Reward.differentiable = False`: JPEG size, a 0/1 detector).
 
 A *round* is one batch of samples with its rewards; it is reused for `inner_epochs` consecutive trainer steps
@@ -162,16 +162,16 @@ def shaped_denoising_loss(model, x_t, sigma_t, sigma, noise):
 # ----- the trainer's micro-batch for these variants ------------------------------------------------------------
 def micro_batch(trainer, g, index):
     """One micro-batch of a `ddpo`, `graft` or `pgraft` step: a new round every `inner_epochs` steps, then the
-    variant's loss on it, backpropagated. Returns the trainer's micro-batch dict (rewards (1, n), loss, kl,
-    images)."""
+    variant's loss on it, backpropagated. Returns the trainer's micro-batch dict (rewards (1, n), loss, images;
+    for ddpo also policy_shift)."""
     c = trainer.config
     epoch = trainer.step % c.inner_epochs
     round_ = trainer.rounds.get(index) if epoch else None
     if round_ is None:
         round_ = (ddpo_round if c.variant == "ddpo" else graft_round)(trainer, g)
         trainer.rounds[index] = round_
-    loss, kl = (ddpo_update if c.variant == "ddpo" else graft_update)(trainer, round_, g)
-    return {"rewards": round_["rewards"][None].float(), "loss": loss, "kl": kl, "images": round_["images"]}
+    out = (ddpo_update if c.variant == "ddpo" else graft_update)(trainer, round_, g)
+    return dict(out, rewards=round_["rewards"][None].float(), images=round_["images"])
 
 
 def ddpo_round(trainer, g):
@@ -190,7 +190,7 @@ def ddpo_round(trainer, g):
         out.update(chain=chain, chosen=chosen, rewards=rewards, images=images.clamp(0, 1))
         return x0
 
-    backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=False)
+    backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, recompute=False)
     advantages = trainer.stat_tracker.update(prompts, out["rewards"].cpu().numpy())
     advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-c.adv_clip_max, c.adv_clip_max)
     return dict(out, prompts=prompts, noise=noise, advantages=advantages, old_log_probs=None)
@@ -203,7 +203,7 @@ def ddpo_update(trainer, round_, g):
     chosen, chain = round_["chosen"], round_["chain"]
     advantages = round_["advantages"].to(chain.device)
     first = round_["old_log_probs"] is None
-    old_all, losses, kls, ratios = [], [], [], []
+    old_all, losses, shifts, ratios = [], [], [], []
 
     def fn(model, x, sigmas):
         for j, step in enumerate(chosen):
@@ -218,16 +218,16 @@ def ddpo_update(trainer, round_, g):
             trainer.scaler.scale(loss / (len(chosen) * c.accumulation)).backward()
             old_all.append(old)
             losses.append(loss.detach())
-            kls.append(0.5 * (log_prob.detach() - old).square().mean())
+            shifts.append(0.5 * (log_prob.detach() - old).square().mean())  # PPO's approximate KL
             ratios.append(ratio.detach())
         return x
 
     backend.run(fn, round_["prompts"], c.negative_prompt, c.cfg, round_["noise"], c.sampling_steps,
-                checkpoint=trainer.checkpointing)
+                recompute=trainer.gradient_checkpointing)
     if first:
         round_["old_log_probs"] = torch.stack(old_all)
     round_["last_ratios"] = torch.stack(ratios)
-    return torch.stack(losses).mean().float(), torch.stack(kls).mean().float()
+    return {"loss": torch.stack(losses).mean().float(), "policy_shift": torch.stack(shifts).mean().float()}
 
 
 def graft_round(trainer, g):
@@ -256,7 +256,7 @@ def graft_round(trainer, g):
                    accepted=accepted.cpu(), images=images[accepted.to(images.device)].clamp(0, 1))
         return x0
 
-    backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=False)
+    backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, recompute=False)
     out["prompts"] = [prompts[i] for i in out["accepted"].tolist()]
     return out
 
@@ -282,8 +282,8 @@ def graft_update(trainer, round_, g):
         return x
 
     backend.run(fn, round_["prompts"], c.negative_prompt, c.cfg, torch.zeros(x_t.shape), c.sampling_steps,
-                checkpoint=trainer.checkpointing)
-    return out["loss"], out["loss"].new_zeros(())
+                recompute=trainer.gradient_checkpointing)
+    return out
 
 
 def to_cpu(value):

@@ -9,7 +9,7 @@ DRaFT (Clark et al., ICLR 2024) backpropagates a reward through the last `grad_s
 steps: the first T - K steps run without autograd and the latent is detached at the boundary.
 """
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
+import torch.utils.checkpoint  # gradient checkpointing: torch's name for recomputation
 
 
 def ddim_step(x, denoised, sigma, sigma_next, final=False):
@@ -33,12 +33,12 @@ def check_grad_steps(grad_steps, steps):
         raise ValueError(f"grad_steps (K) must be between 0 and the number of sampling steps ({steps}), got {grad_steps}")
 
 
-def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, grad_steps=0, checkpoint=True):
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, grad_steps=0, recompute=True):
     """DDIM sampling from `x` (already scaled to `sigmas[0]`) down the schedule `sigmas` (ending at 0).
 
     grad_steps: K, the number of final steps differentiated. 0 builds no autograd graph at all;
         len(sigmas) - 1 differentiates the full chain (DRaFT); in between is DRaFT-K.
-    checkpoint: recompute each differentiated step's activations in the backward pass, so memory
+    recompute: recompute each differentiated step's activations in the backward pass, so memory
         holds one latent per differentiated step plus one step's activations.
     callback: called after every step with {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} (k-diffusion's
         convention, which ComfyUI's previews and progress bars consume).
@@ -55,7 +55,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         if i == first_grad_step:
             x = x.detach()  # DRaFT-K's stop-gradient at the truncation boundary
         with torch.set_grad_enabled(differentiated):
-            denoised = denoise(model, x, sigmas[i], extra_args, checkpoint and differentiated)
+            denoised = denoise(model, x, sigmas[i], extra_args, recompute and differentiated)
             x_next = ddim_step(x, denoised, sigmas[i], sigmas[i + 1], final[i])
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
@@ -63,7 +63,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def denoise_renoised(model, x0, sigma, noises, extra_args=None, checkpoint=True, batched=False):
+def denoise_renoised(model, x0, sigma, noises, extra_args=None, recompute=True, batched=False):
     """DRaFT-LV's inner loop: for each eps_i in `noises`, re-noise the final latent to the last
     sampling sigma, x_i = stop_grad(x0) + sigma * eps_i, and denoise it once with gradient.
 
@@ -74,18 +74,18 @@ def denoise_renoised(model, x0, sigma, noises, extra_args=None, checkpoint=True,
     x0 = x0.detach()
     if batched:
         x = torch.cat([x0 + sigma * eps for eps in noises])
-        return list(denoise(model, x, sigma, extra_args, checkpoint).chunk(len(noises)))
-    return [denoise(model, x0 + sigma * eps, sigma, extra_args, checkpoint) for eps in noises]
+        return list(denoise(model, x, sigma, extra_args, recompute).chunk(len(noises)))
+    return [denoise(model, x0 + sigma * eps, sigma, extra_args, recompute) for eps in noises]
 
 
-def denoise(model, x, sigma, extra_args, checkpoint=False):
-    """One model call at a scalar sigma; with `checkpoint`, its activations are recomputed in backward."""
-    return checkpointed(lambda x, sigma: model(x, sigma, **extra_args), x, sigma * x.new_ones([x.shape[0]]),
-                        enabled=checkpoint)
+def denoise(model, x, sigma, extra_args, recompute=False):
+    """One model call at a scalar sigma; with `recompute`, its activations are recomputed in backward."""
+    return recomputed(lambda x, sigma: model(x, sigma, **extra_args), x, sigma * x.new_ones([x.shape[0]]),
+                        enabled=recompute)
 
 
-def checkpointed(fn, *args, enabled=True, **kwargs):
+def recomputed(fn, *args, enabled=True, **kwargs):
     """fn(*args, **kwargs), keeping only its inputs for backward and recomputing the rest (when grad is on)."""
     if enabled and torch.is_grad_enabled():
-        return _checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return fn(*args, **kwargs)

@@ -60,13 +60,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0   # 0 disables clipping
     kl_coef: float = 0.0         # DRaFT+ regulariser: coef * ||eps_LoRA - eps_base||^2 on differentiated steps
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
-    # Recompute in the backward pass: True (each differentiated UNet call, each decoder block; on CUDA also each
-    # UNet block when a call does not fit), "blocks" (always each UNet block too), False (nothing), "auto" (the
-    # least recomputation that fits the device by the memory estimate; True off CUDA): `memory.checkpointing_policy`.
-    checkpointing: bool | str = "auto"
+    # Gradient checkpointing (recompute in the backward pass): True (each differentiated UNet call, each decoder
+    # block; on CUDA also each UNet block when a call does not fit), "blocks" (always each UNet block too), False
+    # (nothing), "auto" (the least recomputation that fits the device by the memory estimate; True off CUDA):
+    # `memory.choose_gradient_checkpointing`.
+    gradient_checkpointing: bool | str = "auto"
     reward_resolution: int = 0   # decode for the reward at this size (latents resized first; 0: full size)
     seed: int = 0
-    save_every: int = 0          # training checkpoint every N steps (0: only at the end)
+    save_every: int = 0          # training state and a LoRA snapshot every N steps (0: the state at the end only)
     # ddpo, graft, pgraft (policy.py): a round of samples serves `inner_epochs` steps (one update each)
     inner_epochs: int = 1
     samples_per_prompt: int = 4  # N, graft/pgraft: samples drawn per prompt of the batch
@@ -78,7 +79,8 @@ class TrainConfig:
     stat_buffer: int = 16        # ddpo: rewards kept per prompt for its advantage statistics
     stat_min_count: int = 16     # ddpo: below this many, a prompt is normalised by the batch statistics
 
-    def validate(self):
+    def check(self):
+        """Raise ValueError naming the first setting out of range."""
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError("prompts: give at least one non-empty prompt")
         if self.variant not in VARIANTS:
@@ -92,8 +94,9 @@ class TrainConfig:
         for name in ("lv_samples", "steps", "sampling_steps", "batch_size", "accumulation", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpointing not in (True, False, "auto", "blocks"):
-            raise ValueError(f"checkpointing must be True, False, 'auto' or 'blocks', got {self.checkpointing!r}")
+        if self.gradient_checkpointing not in (True, False, "auto", "blocks"):
+            raise ValueError(f"gradient_checkpointing must be True, False, 'auto' or 'blocks', got "
+                             f"{self.gradient_checkpointing!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("inner_epochs", "samples_per_prompt", "accepted_per_prompt", "stat_buffer", "stat_min_count"):
@@ -167,7 +170,7 @@ def cast_copy(module, device, dtype=None):
 
 def differentiable_samples(model, x, sigmas, config, g, batched=False):
     """The variant's final predictions x0, each differentiable in the LoRA weights, and the
-    differentiated model calls as (input, sigma, prediction) for the regulariser. (The backend checkpoints
+    differentiated model calls as (input, sigma, prediction) for the regulariser. (The backend recomputes
     the model calls: `Backend.run`.) `batched`: DRaFT-LV's n copies in one model call."""
     steps = len(sigmas) - 1
     k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
@@ -181,14 +184,14 @@ def differentiable_samples(model, x, sigmas, config, g, batched=False):
         with torch.no_grad():
             x0 = sample_ddim(model, x, sigmas)
         noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
-        x0s = denoise_renoised(model, x0, sigmas[-2], noises, checkpoint=False, batched=batched)
+        x0s = denoise_renoised(model, x0, sigmas[-2], noises, recompute=False, batched=batched)
         return x0s, [(x0 + sigmas[-2] * eps, sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
     calls = []
 
     def record(d):
         if d["denoised"].requires_grad:
             calls.append((d["x"].detach(), d["sigma"], d["denoised"]))
-    x0 = sample_ddim(model, x, sigmas, grad_steps=k, checkpoint=False, callback=record)
+    x0 = sample_ddim(model, x, sigmas, grad_steps=k, recompute=False, callback=record)
     return [x0], calls
 
 
@@ -207,7 +210,7 @@ class Trainer:
     """DRaFT on `backend` (see backends.*.TrainingBackend) with `reward` (rewards.Reward).
 
     callbacks: functions called as `fn(metrics, images)` after every step (images: the step's decoded
-    samples, detached, in [0, 1]); raising from one stops training after saving a checkpoint.
+    samples, detached, in [0, 1]); raising from one stops training after saving the training state.
     Precision: autocast to `autocast_dtype`; LoRA weights, their gradients and the optimizer stay float32; the
     reward is scored by a private copy in that dtype. In fp16 a GradScaler skips steps whose gradient overflows
     and lowers its scale (metrics["skipped"]); only a non-finite reward or MAX_SKIPPED skips in a row stop.
@@ -215,17 +218,17 @@ class Trainer:
     it may stop training early, and with keep-best the LoRA left at the end is the best validated one.
     Under torch.distributed (`distributed`) every process runs this loop on its own micro-batches, with gradients
     averaged and metrics computed from every process's rewards; only rank 0 writes the LoRA and the training
-    checkpoint. Callbacks run wherever they are given: the CLI gives its log and progress to rank 0 only.
+    state. Callbacks run wherever they are given: the CLI gives its log and progress to rank 0 only.
     """
 
-    def __init__(self, backend, reward, config, callbacks=(), checkpoint_path=None, validator=None):
-        config.validate()
+    def __init__(self, backend, reward, config, callbacks=(), state_path=None, validator=None):
+        config.check()
         check_reward(reward, config)
         self.backend, self.reward, self.config = backend, reward, config
         self.validator = validator
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
         self.callbacks = list(callbacks)
-        self.checkpoint_path = checkpoint_path
+        self.state_path = state_path
         check_processes(config)
         self.processes = distributed.world_size()
         with torch.random.fork_rng(devices=[]):  # the LoRAs' random init (on the CPU) follows the seed too
@@ -241,6 +244,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.rounds = {}  # ddpo/graft/pgraft: micro-batch index -> its current round of samples (policy.py)
         self.stat_tracker = policy.StatTracker(config.stat_buffer, config.stat_min_count)
+        self.gradient_checkpointing = None  # False, True or "blocks": chosen once, before the first step
         with torch.inference_mode(False):  # frozen: no float32 master copy needed, half the memory in bf16/fp16
             self.reward = cast_copy(reward, backend.device, self.dtype)
 
@@ -248,6 +252,7 @@ class Trainer:
     def micro_batch(self, g, index=0):
         """Micro-batch `index` of the step: samples, their loss, backward. Returns rewards (n, B), loss, kl, images."""
         c = self.config
+        self.choose_gradient_checkpointing()
         if c.variant in policy.VARIANTS:  # no reward gradient: the variant's round of samples and its loss
             return policy.micro_batch(self, g, index)
         prompts, noise = self.draw(g)
@@ -257,17 +262,18 @@ class Trainer:
             # EOT rewards draw this micro-batch's transformations from its seed (rewards.robust)
             with self.autocast(), seeded(self.reward, g.initial_seed()):
                 x0s, calls = differentiable_samples(model, x, sigmas, c, g, batched=self.batches_copies)
-                images = [self.backend.decode(self.for_reward(x0), bool(self.checkpointing)) for x0 in x0s]
+                images = [self.backend.decode(self.for_reward(x0), bool(self.gradient_checkpointing)) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)
                 penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
             # DRaFT-LV sums the n rewards; the batch (and accumulation) are averaged.
             loss = (-rewards.sum(0).mean() + c.kl_coef * penalty) / c.accumulation
             self.scaler.scale(loss).backward()
             out.update(rewards=rewards.detach().float(), loss=loss.detach().float() * c.accumulation,
-                       kl=penalty.detach().float(), images=images[0].detach().float().clamp(0, 1))
+                       kl_penalty=penalty.detach().float(), images=images[0].detach().float().clamp(0, 1))
             return x0s[0].detach()
 
-        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, checkpoint=self.checkpointing)
+        self.backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps,
+                         recompute=self.gradient_checkpointing)
         return out
 
     def draw(self, g, per_prompt=1):
@@ -310,7 +316,7 @@ class Trainer:
         distributed.average_gradients(self.params)
         rewards = distributed.gather(torch.cat([o["rewards"].flatten() for o in outs]))
         losses = distributed.gather(torch.stack([o["loss"] for o in outs]))
-        kls = distributed.gather(torch.stack([o["kl"] for o in outs]))
+        penalties = distributed.gather(torch.stack([o.get("kl_penalty", torch.zeros(())) for o in outs]))
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         # An fp16 overflow is the GradScaler's normal signal: it skips the step and lowers its scale.
@@ -331,8 +337,10 @@ class Trainer:
                             self.step, self.scaler.get_scale())
         metrics = {"step": self.step, "reward": rewards.mean().item(),
                    "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0, "loss": losses.mean().item(),
-                   "grad_norm": grad_norm.item(), "kl": kls.mean().item(), "skipped": int(skipped),
+                   "grad_norm": grad_norm.item(), "kl": penalties.mean().item(), "skipped": int(skipped),
                    "seconds": time.perf_counter() - started}
+        if c.variant == "ddpo":  # how far an update moved the policy from the round's (PPO's approximate KL)
+            metrics["policy_shift"] = distributed.gather(torch.stack([o["policy_shift"] for o in outs])).mean().item()
         self.history.append(metrics)
         self.check_gradient_reaches_loras()
         return metrics, outs[-1]["images"]
@@ -359,7 +367,7 @@ class Trainer:
             return self.validator(self)
 
     def train(self):
-        """Run to `config.steps` (or an early stop); checkpoints every `save_every` steps, at the end, and on
+        """Run to `config.steps` (or an early stop); saves the training state every `save_every` steps, at the end, and on
         any error or interruption (holding the last good state), then re-raises. With a keep-best validator
         the LoRA is then set to the best validated one (`self.kept_step`)."""
         v = self.validator
@@ -374,34 +382,33 @@ class Trainer:
                     for callback in self.callbacks:
                         callback(metrics, images)
                     if self.config.save_every and self.step % self.config.save_every == 0:
-                        self.save_checkpoint()
+                        self.save_state()
         except BaseException:
-            self.save_checkpoint()
+            self.save_state()
             raise
-        self.save_checkpoint()
+        self.save_state()
         self.kept_step = self.step
         if v is not None and v.restore_best(self.loras) is not None:
             self.kept_step = v.best["step"]
         return self.history
 
     @property
-    def checkpointing(self):
-        """The checkpointing steps run with (False, True or "blocks"): the config's, resolved once by the memory
-        estimate where it leaves the choice open (`memory.checkpointing_policy`)."""
-        if getattr(self, "_checkpointing", None) is None:
-            self._checkpointing = memory.checkpointing_policy(self)
-        return self._checkpointing
-
-    @property
     def batches_copies(self):
-        """Whether DRaFT-LV's n re-noised copies run as one model call: without checkpointing n copies in one call
-        hold what n calls would, so batch them."""
-        return self.checkpointing is False
+        """Whether DRaFT-LV's n re-noised copies run as one model call: without gradient checkpointing n copies in one
+        call hold what n calls would, so batch them."""
+        return self.gradient_checkpointing is False
+
+    def choose_gradient_checkpointing(self):
+        """The gradient checkpointing steps run with (False, True or "blocks"): the config's, chosen once by the
+        memory estimate where it leaves the choice open (`memory.choose_gradient_checkpointing`)."""
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = memory.choose_gradient_checkpointing(self)
+        return self.gradient_checkpointing
 
     def memory_estimate(self):
-        """Estimated peak device memory of a step (see `memory`) with the checkpointing it runs with; raises
-        MemoryError if it cannot fit."""
-        estimate = memory.estimate(self, self.checkpointing)
+        """Estimated peak device memory of a step (see `memory`), with the gradient checkpointing it runs with
+        (`choose_gradient_checkpointing`); raises MemoryError if it cannot fit."""
+        estimate = memory.estimate(self, self.choose_gradient_checkpointing())
         memory.check_fits(estimate, self.backend.device)
         return estimate
 
@@ -429,10 +436,10 @@ class Trainer:
             return None
         return self.loras.save(path, self.lora_metadata(), overwrite)
 
-    def save_checkpoint(self, path=None):
+    def save_state(self, path=None):
         """Everything needed to resume exactly: LoRA (fp32), optimizer, scaler, RNG, step, history, the number of
         processes. Rank 0 writes it (every process holds the same state); the others return None."""
-        path = path or self.checkpoint_path
+        path = path or self.state_path
         if path is None or not distributed.is_main():
             return None
         state = {"lora": {k: v.detach().cpu() for k, v in self.loras.state_dict().items()},
@@ -447,11 +454,11 @@ class Trainer:
         atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
         return path
 
-    def load_checkpoint(self, path):
+    def load_state(self, path):
         with torch.inference_mode(False):  # normal tensors: the optimizer state is updated in place by each step
-            return self._load_checkpoint(path)
+            return self._load_state(path)
 
-    def _load_checkpoint(self, path):
+    def _load_state(self, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         processes = state.get("processes", 1)
         if processes != self.processes:  # the samples of a step depend on the number of processes

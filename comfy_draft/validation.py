@@ -54,7 +54,7 @@ def held_out_images(backend, prompts, seeds, negative_prompt, cfg, steps, width,
 
     def fn(model, x, sigmas):
         x0 = sampler(model, x, sigmas)
-        images.append(backend.decode(x0, checkpoint=False).float().cpu())
+        images.append(backend.decode(x0, recompute=False).float().cpu())
         return x0
 
     batch = batch or len(seeds)

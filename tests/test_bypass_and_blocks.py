@@ -5,10 +5,10 @@ import pytest
 import torch
 from tiny_diffusers import tiny_pipeline
 
-from comfy_draft import checkpointing
+from comfy_draft import blockwise
 from comfy_draft.memory import LiveBytes
 from comfy_draft.lora import LoRA, LoRASet, attach
-from comfy_draft.sampling import checkpointed
+from comfy_draft.sampling import recomputed
 
 
 def nonzero(loras, seed=1):
@@ -108,8 +108,8 @@ def check_decode_paths(backend, z):
             images = decode(latent)
             grad, = torch.autograd.grad((images * torch.linspace(0, 1, images.numel()).view_as(images)).sum(), latent)
         return images.detach(), grad, memory.peak
-    blocks = run(lambda latent: backend.decode(latent, checkpoint=True))
-    whole = run(lambda latent: checkpointed(lambda x: backend.decode(x, checkpoint=False), latent))
+    blocks = run(lambda latent: backend.decode(latent, recompute=True))
+    whole = run(lambda latent: recomputed(lambda x: backend.decode(x, recompute=False), latent))
     torch.testing.assert_close(blocks[0], whole[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(blocks[1], whole[1], rtol=1e-4, atol=1e-6)
     assert blocks[2] < whole[2], (blocks[2], whole[2])
@@ -123,7 +123,7 @@ def test_comfyui_decode_per_image_and_block_equals_the_whole_checkpoint(comfyui,
         objects = comfy.sd.load_checkpoint_guess_config(
             str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
     backend = TrainingBackend(*objects)
-    assert len(checkpointing.blocks(backend.vae_model.decoder, checkpointing.DECODER_BLOCKS)) > 6
+    assert len(blockwise.blocks(backend.vae_model.decoder, blockwise.DECODER_BLOCKS)) > 6
     with torch.inference_mode(False):
         check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
 
@@ -131,7 +131,7 @@ def test_comfyui_decode_per_image_and_block_equals_the_whole_checkpoint(comfyui,
 def test_diffusers_decode_per_image_and_block_equals_the_whole_checkpoint(tmp_path):
     from comfy_draft.backends.diffusers import TrainingBackend
     backend = TrainingBackend.from_pipeline(tiny_pipeline(tmp_path), device="cpu")
-    assert len(checkpointing.blocks(backend.vae.decoder, checkpointing.DECODER_BLOCKS)) > 4
+    assert len(blockwise.blocks(backend.vae.decoder, blockwise.DECODER_BLOCKS)) > 4
     check_decode_paths(backend, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
 
 
@@ -146,12 +146,12 @@ def lv_outputs(backend, checkpoint, batched, seed=0):
 
     def fn(model, x, sigmas):
         with torch.inference_mode(False), torch.enable_grad():
-            x0s = denoise_renoised(model, x.detach(), sigmas[-2], noises, checkpoint=False, batched=batched)
+            x0s = denoise_renoised(model, x.detach(), sigmas[-2], noises, recompute=False, batched=batched)
             loss = sum((i + 1) * x0.square().mean() for i, x0 in enumerate(x0s))
             out["x0s"], out["grads"] = torch.cat(x0s).detach(), torch.autograd.grad(loss, params)
         return x
     out = {}
-    backend.run(fn, ["a red apple"], "", 3.0, noise, 3, checkpoint=checkpoint)
+    backend.run(fn, ["a red apple"], "", 3.0, noise, 3, recompute=checkpoint)
     return out["x0s"], torch.cat([g.flatten() for g in out["grads"]])
 
 
@@ -165,7 +165,7 @@ def test_unet_blocks_and_batched_copies_equal_the_plain_path_diffusers(tmp_path)
     from tiny_diffusers import tiny_pixel_backend
     backend = tiny_pixel_backend(tmp_path)
     nonzero(backend.add_loras(rank=4))
-    assert len(checkpointing.blocks(backend.unet, checkpointing.UNET_BLOCKS)) > 4
+    assert len(blockwise.blocks(backend.unet, blockwise.UNET_BLOCKS)) > 4
     check_same(lv_outputs(backend, False, False), lv_outputs(backend, True, False),
                lv_outputs(backend, "blocks", False), lv_outputs(backend, False, True))
 
@@ -180,7 +180,7 @@ def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, ti
             str(comfyui.folder_paths.get_full_path("checkpoints", tiny_sd15)))[:3]
     backend = TrainingBackend(*objects)
     nonzero(backend.add_loras(rank=4))
-    assert len(checkpointing.blocks(backend.model.model.diffusion_model, checkpointing.UNET_BLOCKS)) > 4
+    assert len(blockwise.blocks(backend.model.model.diffusion_model, blockwise.UNET_BLOCKS)) > 4
     check_same(lv_outputs(backend, False, False), lv_outputs(backend, "blocks", False),
                lv_outputs(backend, False, True))
 
@@ -195,15 +195,15 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
     from comfy_draft.trainer import Trainer
     trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
                       config(width=32, height=32, batch_size=2, lv_samples=2))
-    assert trainer.config.checkpointing == "auto" and trainer.checkpointing is True  # CPU: no device budget
+    assert trainer.config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing is True  # CPU: no device budget
     probed = memory.probe(trainer)
     off, on = (memory.estimate(trainer, c, probed)["total"] for c in (False, True))
     assert on < off
-    assert memory.checkpointing_policy(trainer, device_total=off / 0.89) is False
-    assert memory.checkpointing_policy(trainer, device_total=on / 0.89) is True
-    assert memory.checkpointing_policy(trainer, device_total=on / 0.95) == "blocks"
+    assert memory.choose_gradient_checkpointing(trainer, device_total=off / 0.89) is False
+    assert memory.choose_gradient_checkpointing(trainer, device_total=on / 0.89) is True
+    assert memory.choose_gradient_checkpointing(trainer, device_total=on / 0.95) == "blocks"
     for forced, total in ((True, 10 * off), (False, on / 2), ("blocks", 10 * off)):
-        trainer.config.checkpointing = forced  # the user's choice stands (True: at least each call)
-        assert memory.checkpointing_policy(trainer, device_total=total) is forced
-    with pytest.raises(ValueError, match="checkpointing must be"):
-        config(checkpointing="sometimes").validate()
+        trainer.config.gradient_checkpointing = forced  # the user's choice stands (True: at least each call)
+        assert memory.choose_gradient_checkpointing(trainer, device_total=total) is forced
+    with pytest.raises(ValueError, match="gradient_checkpointing must be"):
+        config(gradient_checkpointing="sometimes").check()

@@ -97,7 +97,7 @@ def test_gradient_through_comfyui_guider(comfyui, tiny_sd15, checkpoint):
 
     def train_step(grad_steps):
         def fn(m, x, s, callback):
-            x0 = sample_ddim(m, x, s, grad_steps=grad_steps, checkpoint=checkpoint)
+            x0 = sample_ddim(m, x, s, grad_steps=grad_steps, recompute=checkpoint)
             graphs.append(x0.grad_fn)
             if grad_steps:
                 x0.square().mean().backward()

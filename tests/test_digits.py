@@ -39,11 +39,12 @@ def test_demo_command_trains_and_writes_its_outputs(tmp_path):
     assert "before: held-out reward" in result.stdout and "after 3 steps" in result.stdout
     assert "confidently a digit" in result.stdout  # the judge's verdict
     assert "training on " in result.stdout  # names the default control's reward
-    for name in ("digits_draft.safetensors", "reward_curve.png", "before_after.png", "log.jsonl", "summary.json"):
+    for name in ("digits_draft.safetensors", "reward_curve.png", "before_after.png", "digits_draft.jsonl",
+                 "digits_draft.state.pt", "summary.json"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"before", "after", "config"}
-    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert len((out / "digits_draft.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.slow

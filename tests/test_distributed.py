@@ -50,8 +50,8 @@ def interrupt_train(processes, *args, after):
 
 
 def trained(out):
-    """The last LoRA (float32, from the training checkpoint), the saved file's LoRA and the log."""
-    state = torch.load(f"{out}.ckpt", weights_only=True)
+    """The last LoRA (float32, from the training state), the saved file's LoRA and the log."""
+    state = torch.load(f"{out}.state.pt", weights_only=True)
     from comfy_draft.lora import load_kohya_file
     log = [json.loads(line) for line in open(os.path.splitext(out)[0] + ".jsonl")]
     return state, load_kohya_file(out), log
@@ -108,7 +108,7 @@ def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation
     # Ctrl-C during a 2-process run (after its first step; up to 30), then resumed to 4: the uninterrupted LoRA.
     part = tmp_path / "part.safetensors"
     _, err = interrupt_train(2, "--steps", "30", "--print-every", "1", "--out", str(part), after="step 1/30")
-    stopped = torch.load(f"{part}.ckpt", weights_only=True)["step"]
+    stopped = torch.load(f"{part}.state.pt", weights_only=True)["step"]
     assert 1 <= stopped < 4 and f"interrupted at step {stopped}" in err
     assert [p.name for p in tmp_path.glob("part.partial-*")] == [f"part.partial-{stopped}.safetensors"]  # rank 0
     result = run_train(2, "--steps", "4", "--resume", "--out", str(part))
@@ -146,7 +146,7 @@ def test_two_processes_with_a_diffusers_folder_and_a_single_file_through_comfyui
         command = [sys.executable, *launcher, *args, *extra, "--out", str(tmp_path / f"{out}.safetensors")]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
-    two, one = (torch.load(tmp_path / f"{out}.safetensors.ckpt", weights_only=True) for out in ("two", "one"))
+    two, one = (torch.load(tmp_path / f"{out}.state.pt", weights_only=True) for out in ("two", "one"))
     assert two["processes"] == 2 and one["processes"] == 1
     assert_same_lora(two["lora"], one["lora"])
     assert any(v.abs().max() > 0 for k, v in two["lora"].items() if k.endswith("up"))  # it trained
@@ -188,7 +188,7 @@ def worker(rank, port, folder):
                                                criterion="reward", patience=2),
                               {"judge": digits.DigitReward(digits.load_classifier("judge_classifier"))})
         trainer = Trainer(digits.load_backend("cpu"), digits.DigitReward(digits.load_classifier()), config,
-                          checkpoint_path=os.path.join(folder, f"rank-{rank}.ckpt"), validator=validator)
+                          state_path=os.path.join(folder, f"rank-{rank}.state.pt"), validator=validator)
         trainer.train()
         saved = trainer.save_lora(os.path.join(folder, f"rank-{rank}.safetensors"))
         state = {k: v.tolist() for k, v in trainer.loras.state_dict().items()}
@@ -217,4 +217,4 @@ def test_validation_and_keep_best_are_decided_identically_on_every_rank(tmp_path
     assert r0["lora"] == r1["lora"]  # identical updates keep the ranks' LoRAs identical
     assert r0["saved"] and not r1["saved"]  # files from rank 0 only
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".json")) == \
-        ["rank-0.ckpt", "rank-0.safetensors"]
+        ["rank-0.safetensors", "rank-0.state.pt"]

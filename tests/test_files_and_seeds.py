@@ -21,7 +21,7 @@ def test_lora_files_and_states_take_the_umasks_permissions(tmp_path):
     trainer = train(tmp_path, seed=0)
     old = os.umask(0o022)
     try:
-        lora, state = trainer.save_lora(tmp_path / "a.safetensors"), trainer.save_checkpoint(tmp_path / "a.state.pt")
+        lora, state = trainer.save_lora(tmp_path / "a.safetensors"), trainer.save_state(tmp_path / "a.state.pt")
         os.umask(0o027)
         group_only = trainer.save_lora(tmp_path / "b.safetensors")
     finally:

@@ -228,7 +228,7 @@ def test_trainable_copies_leave_dynamic_vram_handles_on_the_originals(comfyui, t
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = vae.decode(backend.latent_format.process_out(z)).movedim(-1, 1)  # ComfyUI's own decode
-    torch.testing.assert_close(backend.decode(z, checkpoint=False), reference, atol=2e-5, rtol=0)
+    torch.testing.assert_close(backend.decode(z, recompute=False), reference, atol=2e-5, rtol=0)
     comfy.model_management.unload_all_models()
 
 
@@ -320,14 +320,25 @@ def test_backward_is_exact_with_offloaded_weights_in_a_shared_cast_buffer(tiny_o
 def test_recompute_sees_the_forwards_shapes_when_cond_batching_follows_free_memory(tiny_objects, monkeypatch):
     """ComfyUI batches cond and uncond together when memory allows; a checkpoint around the guided call
     recomputes it under other memory conditions, with other shapes. Checkpoints per UNet call do not care."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.model_patcher
     reference = lora_gradients(tiny_objects)
 
+    batches = {"forward": set(), "backward": set()}  # UNet batch sizes seen in the forward pass and in recomputation
+    unet_forward = openaimodel.UNetModel.forward
+
+    def counted(self, x, *args, **kwargs):
+        batches["backward" if torch._C._current_graph_task_id() != -1 else "forward"].add(x.shape[0])
+        return unet_forward(self, x, *args, **kwargs)
+
     def get_free_memory(self, device):  # room to batch in the forward pass, none while backward recomputes
         return 0.0 if torch._C._current_graph_task_id() != -1 else 1e15
+    monkeypatch.setattr(openaimodel.UNetModel, "forward", counted)
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", get_free_memory)
     torch.testing.assert_close(lora_gradients(tiny_objects), reference, rtol=1e-4,
                                atol=1e-6 * reference.abs().max().item())
+    # the patched free memory did change the batching: cond + uncond together forward, one at a time in backward
+    assert max(batches["forward"]) == 2 * max(batches["backward"]), batches
 
 
 # ----- models that cannot train ------------------------------------------------------------------------------

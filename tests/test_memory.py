@@ -11,7 +11,7 @@ from comfy_draft.trainer import Trainer
 def test_estimate_matches_the_tensors_a_step_saves_without_checkpointing(tmp_path):
     backend = tiny_pixel_backend(tmp_path)
     reward = rewards.builtin_reward("sharpness")
-    trainer = Trainer(backend, reward, config(checkpointing=False, batch_size=3, width=32, height=32, lv_samples=2))
+    trainer = Trainer(backend, reward, config(gradient_checkpointing=False, batch_size=3, width=32, height=32, lv_samples=2))
     estimate = trainer.memory_estimate()
     measured = memory.saved_bytes(lambda: trainer.micro_batch(torch.Generator().manual_seed(0)))
     assert 0.8 < estimate["activations"] / measured < 1.25, (estimate, measured)
@@ -39,7 +39,7 @@ def test_estimate_matches_the_peak_of_a_checkpointed_step(tmp_path, variant):
 def test_checkpointing_lowers_the_estimate_and_keeps_only_inputs(tmp_path):
     def trainer(checkpointing):
         return Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
-                       config(variant="draft", checkpointing=checkpointing, width=32, height=32))
+                       config(variant="draft", gradient_checkpointing=checkpointing, width=32, height=32))
     full, checkpointed = trainer(False), trainer(True)
     assert checkpointed.memory_estimate()["activations"] * 3 < full.memory_estimate()["activations"]
     kept = memory.saved_bytes(lambda: checkpointed.micro_batch(torch.Generator().manual_seed(0)))

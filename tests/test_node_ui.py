@@ -22,13 +22,13 @@ def test_advanced_settings_live_on_the_options_node_with_the_trainers_defaults(c
     nodes = pack_nodes(comfyui)
     module = sys.modules[nodes["DRaFTTrainLoRA"].__module__]
     moved = set(nodes["DRaFTTrainingOptions"].INPUT_TYPES()["required"])
-    assert moved == {"precision", "accumulation", "checkpointing", "lv_samples", "k", "kl_coef", "reward_resolution",
+    assert moved == {"precision", "accumulation", "gradient_checkpointing", "lv_samples", "k", "kl_coef", "reward_resolution",
                      "save_every"}
     trainer_widgets = [name for name, _ in widget_names(nodes["DRaFTTrainLoRA"])]
     assert not moved & set(trainer_widgets) and len(trainer_widgets) <= 15, trainer_widgets
     d = TrainConfig(prompts=[""])
     defaults = module.training_options(None)  # no options node connected: TrainConfig's own defaults
-    assert defaults == {"precision": d.precision, "accumulation": d.accumulation, "checkpointing": d.checkpointing,
+    assert defaults == {"precision": d.precision, "accumulation": d.accumulation, "gradient_checkpointing": d.gradient_checkpointing,
                         "lv_samples": d.lv_samples, "k": d.grad_steps, "kl_coef": d.kl_coef,
                         "reward_resolution": d.reward_resolution, "save_every": d.save_every,
                         "inner_epochs": d.inner_epochs, "graft_samples_per_prompt": d.samples_per_prompt,
@@ -38,5 +38,5 @@ def test_advanced_settings_live_on_the_options_node_with_the_trainers_defaults(c
     widgets = {name: spec[1]["default"] for group in ("required", "optional")
                for name, spec in nodes["DRaFTTrainingOptions"].INPUT_TYPES()[group].items()}
     assert training_options()["inputs"] == {k: widgets[k] for k in moved}  # the tests' and examples' options node
-    (built,) = nodes["DRaFTTrainingOptions"]().build(**dict(widgets, kl_coef=3.0, checkpointing="off"))
-    assert module.training_options(built) == dict(defaults, kl_coef=3.0, checkpointing=False)
+    (built,) = nodes["DRaFTTrainingOptions"]().build(**dict(widgets, kl_coef=3.0, gradient_checkpointing="off"))
+    assert module.training_options(built) == dict(defaults, kl_coef=3.0, gradient_checkpointing=False)

@@ -19,7 +19,7 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
 def config(**overrides):
     base = dict(prompts=PROMPTS, variant="ddpo", steps=2, sampling_steps=4, cfg=3.0, width=16, height=16,
-                batch_size=2, lr=1e-2, seed=0, checkpointing=False)
+                batch_size=2, lr=1e-2, seed=0, gradient_checkpointing=False)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -126,8 +126,8 @@ def test_ddpo_run_resumed_mid_round_equals_an_uninterrupted_one(tmp_path):
     ckpt = tmp_path / "ddpo.ckpt"
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_pixel_backend(tmp_path), reward, config(**settings), [stop_at_1], ckpt).train()
-    resumed = Trainer(tiny_pixel_backend(tmp_path), reward, config(**settings), checkpoint_path=ckpt)
-    resumed.load_checkpoint(ckpt)
+    resumed = Trainer(tiny_pixel_backend(tmp_path), reward, config(**settings), state_path=ckpt)
+    resumed.load_state(ckpt)
     resumed.train()
     assert [m["reward"] for m in resumed.history] == [m["reward"] for m in full.history]
     for name in full.loras:
@@ -302,7 +302,7 @@ def test_policy_variants_refuse_several_processes(tmp_path, monkeypatch, variant
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
-        config(**overrides).validate()
+        config(**overrides).check()
 
 
 def test_cli_trains_pgraft_on_a_reward_without_gradient_and_refuses_it_for_draft(tmp_path, capsys):

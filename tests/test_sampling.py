@@ -80,7 +80,7 @@ def test_truncated_gradient_matches_finite_differences(grad_steps, checkpoint):
     steps = 5
     model, sigmas, x, weight, w_out, direction = _setup(steps)
     weight.requires_grad_(True)
-    out = sample_ddim(model, x, sigmas, grad_steps=grad_steps, checkpoint=checkpoint)
+    out = sample_ddim(model, x, sigmas, grad_steps=grad_steps, recompute=checkpoint)
     (grad,) = torch.autograd.grad((out * w_out).sum(), weight)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     analytic = (grad * direction).sum().item()
@@ -100,7 +100,7 @@ def test_truncated_gradient_matches_finite_differences(grad_steps, checkpoint):
 
         h = 1e-6
         numeric = (f(h) - f(-h)) / (2 * h)
-    print(f"K={grad_steps} checkpoint={checkpoint}: analytic {analytic:.10g}  finite-diff {numeric:.10g}")
+    print(f"K={grad_steps} recompute={checkpoint}: analytic {analytic:.10g}  finite-diff {numeric:.10g}")
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
 
 
@@ -142,10 +142,10 @@ def test_checkpointed_full_chain_memory_does_not_grow_with_steps():
     for checkpoint in (True, False):
         for steps in (4, 16):
             with PeakTensorMemory() as memory:
-                out = sample(denoiser, cond, uncond, CFG, noise, steps, grad_steps=steps, checkpoint=checkpoint)
+                out = sample(denoiser, cond, uncond, CFG, noise, steps, grad_steps=steps, recompute=checkpoint)
                 out.square().mean().backward()
             peaks[checkpoint, steps] = memory.peak
-            print(f"checkpoint={checkpoint} T=K={steps}: peak tensor memory {memory.peak / 2**20:.2f} MiB")
+            print(f"recompute={checkpoint} T=K={steps}: peak tensor memory {memory.peak / 2**20:.2f} MiB")
     assert peaks[True, 16] < 2 * peaks[True, 4]
     assert peaks[False, 16] > 3 * peaks[False, 4]
     assert peaks[True, 4] < peaks[False, 4]

@@ -1,6 +1,7 @@
 """DRaFTTrainLoRA inside the real ComfyUI: in-process, through the server (HTTP + websocket), interrupt,
 and LoRA blending with ComfyUI's own loaders."""
 import json
+import pathlib
 import sys
 import threading
 import uuid
@@ -137,7 +138,7 @@ def test_interrupt_saves_a_partial_lora_that_loads(comfy_server, tiny_sd15):
     done = max(s["step"] for s in log.of("comfy_draft.train_step"))
     assert done < 200
     loras = json.dumps(comfy_server.get("/object_info/LoraLoaderModelOnly"))
-    name = f"draft/stopped_00001_partial_{done}_.safetensors"
+    name = f"draft/stopped_00001_.partial-{done}.safetensors"
     assert name in loras, loras[:2000]
     entry = comfy_server.wait_history(comfy_server.queue(lora_prompt(tiny_sd15, name)))
     assert entry["status"]["status_str"] == "success"
@@ -279,7 +280,7 @@ def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, 
     comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 2))
     state = "draft/resumed_00001_.state.pt"
     assert state in comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].INPUT_TYPES()["optional"]["resume_state"][0]
-    assert (comfyui.base_dir / "models" / "loras" / "draft" / "resumed_00001_step1_.safetensors").exists()
+    assert (comfyui.base_dir / "models" / "loras" / "draft" / "resumed_00001_.step-1.safetensors").exists()
     history = comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 3, resume_state=state))
     assert "reward" in history["outputs"]["3"]["text"][0]
     assert [m["step"] for m in pack_nodes(comfyui).CHART_HISTORY["3"]["steps"]] == [1, 2, 3]  # the chart shows the whole run
@@ -291,16 +292,87 @@ def test_a_saved_state_resumes_on_the_canvas_to_the_uninterrupted_lora(comfyui, 
 
     # a preview beside every LoRA snapshot, from the same noise each time; ComfyUI's model library shows it
     from app.model_manager import ModelFileManager
-    previews = {name: preview(f"{lora_dir}/draft/{name}_.png") for name in
-                ("straight_00001_step1", "straight_00001_step2", "straight_00001", "resumed_00001_step1",
-                 "resumed_00002")}
+    previews = {name: preview(f"{lora_dir}/draft/{name}.png") for name in
+                ("straight_00001_.step-1", "straight_00001_.step-2", "straight_00001_", "resumed_00001_.step-1",
+                 "resumed_00002_")}
     assert all(meta["prompts"] == ["a red apple", "a blue car"] for meta, _ in previews.values())
     assert [meta["step"] for meta, _ in previews.values()] == [1, 2, 3, 1, 3]
-    assert pixel_gap(previews["straight_00001_step1"], previews["resumed_00001_step1"]) <= 1
-    assert pixel_gap(previews["straight_00001"], previews["resumed_00002"]) <= 1  # resumed = uninterrupted
-    assert pixel_gap(previews["straight_00001_step1"], previews["straight_00001"]) > 1  # the LoRA changed them
-    assert ModelFileManager().get_model_previews(f"{lora_dir}/draft/straight_00001_step1_.safetensors") == \
-        [f"{lora_dir}/draft/straight_00001_step1_.png"]
+    assert pixel_gap(previews["straight_00001_.step-1"], previews["resumed_00001_.step-1"]) <= 1
+    assert pixel_gap(previews["straight_00001_"], previews["resumed_00002_"]) <= 1  # resumed = uninterrupted
+    assert pixel_gap(previews["straight_00001_.step-1"], previews["straight_00001_"]) > 1  # the LoRA changed them
+    assert ModelFileManager().get_model_previews(f"{lora_dir}/draft/straight_00001_.step-1.safetensors") == \
+        [f"{lora_dir}/draft/straight_00001_.step-1.png"]
 
     with pytest.raises(PromptError, match="different configuration .*lr"):
         comfyui.run(resume_prompt(tiny_sd15, "draft/resumed", 4, resume_state=state, lr=0.01))
+
+
+def test_an_interrupted_node_run_and_cli_run_leave_the_same_files_and_resume_alike(comfyui, tiny_sd15, tmp_path,
+                                                                                   monkeypatch):
+    """The node and the command line share one run (`comfy_draft.run`): interrupted with a snapshot every step, each
+    leaves the same files, named from its LoRA's stem (the step snapshots, the partial LoRA of the step it stopped
+    at, the training state and the log), and each resumes from its state to the end with the whole log."""
+    import os
+    import signal
+    import subprocess
+
+    import comfy.model_management
+    import server
+    from comfyui_harness import PromptError
+
+    def left(folder, stem):  # the run's files, their stem replaced; the node's preview images aside
+        return sorted(p.name.replace(stem, "<stem>") for p in folder.iterdir()
+                      if p.name.startswith(stem) and p.suffix != ".png")
+
+    def expected(stopped):
+        return sorted([f"<stem>.step-{k}.safetensors" for k in range(1, stopped + 1)] +
+                      [f"<stem>.partial-{stopped}.safetensors", "<stem>.state.pt", "<stem>.jsonl"])
+
+    # The node, interrupted as Cancel does (ComfyUI's interrupt flag, seen at the end of step 2 of 4).
+    instance = server.PromptServer.instance
+    send = instance.send_sync
+
+    def send_and_cancel(event, data, *args):
+        send(event, data, *args)
+        if event == "comfy_draft.train_step" and data["step"] == 2:
+            comfy.model_management.interrupt_current_processing()
+    monkeypatch.setattr(instance, "send_sync", send_and_cancel)
+    with pytest.raises(PromptError):
+        comfyui.run(resume_prompt(tiny_sd15, "draft/cancelled", 4))
+    monkeypatch.setattr(instance, "send_sync", send)
+    loras = comfyui.base_dir / "models" / "loras" / "draft"
+    states = pathlib.Path(comfyui.folder_paths.get_output_directory()) / "draft_training" / "draft"
+    node_files = left(loras, "cancelled_00001_") + left(states, "cancelled_00001_")
+    assert sorted(node_files) == expected(2)
+
+    # The command line, interrupted by Ctrl-C once it has printed a step.
+    out = tmp_path / "cli.safetensors"
+    command = [sys.executable, "-m", "comfy_draft", "train", "--model", "digits", "--reward", "digit", "--reward-text",
+               "prompted", "--cfg", "1", "--sampling-steps", "4", "--prompts", "a 1", "a 7", "--batch-size", "2",
+               "--device", "cpu", "--save-every", "1", "--print-every", "1", "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([*command, "--steps", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted at step" in err, err
+    stopped = torch.load(tmp_path / "cli.state.pt", weights_only=True)["step"]
+    assert stopped >= 2 and left(tmp_path, "cli") == expected(stopped)
+
+    # Each resumes from its state to the end, its log going on.
+    comfyui.run(resume_prompt(tiny_sd15, "draft/cancelled", 4, resume_state="draft/cancelled_00001_.state.pt"))
+    resumed = load_kohya_file(loras / "cancelled_00002_.safetensors")[1]
+    node_log = (states / "cancelled_00001_.jsonl").read_text().splitlines()
+    result = subprocess.run([*command, "--steps", str(stopped + 2), "--resume"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cli_log = (tmp_path / "cli.jsonl").read_text().splitlines()
+    assert resumed["comfy_draft_steps"] == "4" and [json.loads(m)["step"] for m in node_log] == [1, 2, 3, 4]
+    assert load_kohya_file(out)[1]["comfy_draft_steps"] == str(stopped + 2)
+    assert [json.loads(m)["step"] for m in cli_log] == list(range(1, stopped + 3))

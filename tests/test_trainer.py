@@ -39,7 +39,7 @@ class CountingUNet:
 def test_variant_semantics_and_lora_gradients(tmp_path, variant, k, expected):
     backend = tiny_pixel_backend(tmp_path)
     trainer = Trainer(backend, rewards.builtin_reward("brightness"),
-                      config(variant=variant, grad_steps=k, lv_samples=2, checkpointing=False))
+                      config(variant=variant, grad_steps=k, lv_samples=2, gradient_checkpointing=False))
     counter = CountingUNet(backend.unet)
     trainer.micro_batch(torch.Generator().manual_seed(0))
     if expected is None:  # alignprop draws K in 1..T
@@ -64,7 +64,7 @@ def test_lv_renoised_inputs_are_detached_x0_plus_sigma_eps():
 
     x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
     noises = [torch.randn(2, 3, 4, 4) for _ in range(3)]
-    outs = denoise_renoised(model, x0 * 2, torch.tensor(0.3), noises, checkpoint=False)
+    outs = denoise_renoised(model, x0 * 2, torch.tensor(0.3), noises, recompute=False)
     assert len(outs) == 3
     for (x, sigma), eps in zip(seen, noises):
         torch.testing.assert_close(x, (x0 * 2).detach() + 0.3 * eps)
@@ -118,8 +118,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     first = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), [interrupt_at_2], ckpt)
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    resumed = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), checkpoint_path=ckpt)
-    resumed.load_checkpoint(ckpt)
+    resumed = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), state_path=ckpt)
+    resumed.load_state(ckpt)
     assert resumed.step == 2
     resumed.train()
     assert resumed.step == 4 and [m["step"] for m in resumed.history] == [1, 2, 3, 4]
@@ -127,7 +127,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(resumed.loras[name].up, full.loras[name].up, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(resumed.loras[name].down, full.loras[name].down, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="different configuration.*lr"):
-        Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, lr=0.5, variant="alignprop")).load_checkpoint(ckpt)
+        Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, lr=0.5, variant="alignprop")).load_state(ckpt)
 
 
 def test_bf16_autocast_step(tmp_path):
@@ -154,7 +154,7 @@ class NaNAfter(rewards.Reward):
 
 def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt = tmp_path / "run.ckpt"
-    trainer = Trainer(tiny_pixel_backend(tmp_path), NaNAfter(), config(steps=5, variant="draft-k"), checkpoint_path=ckpt)
+    trainer = Trainer(tiny_pixel_backend(tmp_path), NaNAfter(), config(steps=5, variant="draft-k"), state_path=ckpt)
     with pytest.raises(NonFiniteError, match="step 3: non-finite reward"):
         trainer.train()
     state = torch.load(ckpt, weights_only=True)
@@ -210,11 +210,11 @@ def test_kohya_file_loads_in_diffusers_and_reproduces_the_trained_model(tmp_path
 
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown variant 'draft-x'"):
-        config(variant="draft-x").validate()
+        config(variant="draft-x").check()
     with pytest.raises(ValueError, match=r"grad_steps \(K\) must be between 0 and the number of sampling steps \(6\)"):
-        config(variant="draft-k", grad_steps=7).validate()
+        config(variant="draft-k", grad_steps=7).check()
     with pytest.raises(ValueError, match="at least one non-empty prompt"):
-        config(prompts=[" "]).validate()
+        config(prompts=[" "]).check()
 
 
 def test_base_model_penalty_against_a_separate_base_model(tmp_path):

@@ -81,10 +81,10 @@ def test_diversity_floor_and_keep_last(tmp_path):
 
 def test_validator_state_resumes(tmp_path):
     trainer = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(steps=3, lr=3e-2), validator=validator(),
-                      checkpoint_path=tmp_path / "ckpt.pt")
+                      state_path=tmp_path / "ckpt.pt")
     trainer.train()
     resumed = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(steps=3, lr=3e-2), validator=validator())
-    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    resumed.load_state(tmp_path / "ckpt.pt")
     assert resumed.validator.history == trainer.validator.history
     assert resumed.validator.best["step"] == trainer.validator.best["step"]
 

@@ -26,17 +26,17 @@ class Backend(typing.Protocol):
         """The start-noise shape for `batch` images of height x width pixels."""
 
     def run(self, fn, prompts: list, negative_prompt: str, cfg: float, noise: torch.Tensor, steps: int,
-            checkpoint: bool = False):
+            recompute: bool = False):
         """`fn(model, x_T, sigmas)` with the guided x0 predictor for `prompts` and the DDIM schedule of `steps`.
 
-        checkpoint: every model call made with gradient keeps only its inputs and is recomputed in backward
+        recompute: every model call made with gradient keeps only its inputs and is recomputed in backward
         (the backend decides where: around the guided call, or around each UNet call inside it); "blocks": also
-        each UNet block inside that (`checkpointing.UNET_BLOCKS`), for models whose one call does not fit.
+        each UNet block inside that (`blockwise.UNET_BLOCKS`), for models whose one call does not fit.
         """
 
-    def decode(self, x0: torch.Tensor, checkpoint: bool = True) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1], differentiable in x0; with `checkpoint` the decoder is recomputed in
-        backward one image at a time, one block at a time (`checkpointing.per_image`)."""
+    def decode(self, x0: torch.Tensor, recompute: bool = True) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], differentiable in x0; with `recompute` the decoder is recomputed in
+        backward one image at a time, one block at a time (`blockwise.per_image`)."""
 
     def modules(self) -> list:
         """The modules whose weights sit on the device while training (for memory estimates)."""

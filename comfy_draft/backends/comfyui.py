@@ -17,8 +17,8 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
-from .. import checkpointing
-from ..sampling import checkpointed, sample_ddim
+from .. import blockwise
+from ..sampling import recomputed, sample_ddim
 
 
 def check_model(model):
@@ -64,7 +64,7 @@ def function_sampler(fn):
     inpainting-noise convention).
 
     ComfyUI loads and patches the models and prepares the conds for the duration of sampling only, so
-    anything that re-runs the model (a checkpointed backward pass, DRaFT-LV's extra denoising) happens
+    anything that re-runs the model (a recomputing backward pass, DRaFT-LV's extra denoising) happens
     inside `fn`.
     """
     def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -95,7 +95,7 @@ def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, d
                           latent.get("noise_mask"), callback, disable_pbar)
 
 
-def sample_switched(lora_model, base_model, positive, negative, latent, seed, steps, cfg, fraction, callback=None,
+def sample_lora_then_base(lora_model, base_model, positive, negative, latent, seed, steps, cfg, fraction, callback=None,
                     disable_pbar=True):
     """P-GRAFT's inference: DDIM (eta = 0) with `lora_model` for the first `policy.lora_steps(fraction, T)` steps
     (T -> t), then `base_model` from t to 0 (as KSamplerAdvanced continues a latent: no noise added). Noise is
@@ -189,7 +189,7 @@ class SamplingBackend:
         return run_guided(self.model, positive, negative, cfg, sigmas, lambda m, x, s, callback: fn(m, x, s),
                           torch.zeros(noise.shape), noise)
 
-    def decode(self, x0, checkpoint=False):
+    def decode(self, x0, recompute=False):
         """Images (B, 3, H, W) in [0, 1] from ComfyUI's VAE decode (no gradient)."""
         return self.vae.decode(self.latent_format.process_out(x0)).movedim(-1, 1).to(x0.device)
 
@@ -296,14 +296,14 @@ def decode_dtype(vae):
     return torch.float32 if vae.vae_dtype == torch.float16 else vae.vae_dtype
 
 
-def checkpoint_each_op(module):
+def recompute_each_op(module):
     """Checkpoint each of ComfyUI's weight-casting ops (Linear, Conv, norms: `comfy.ops`) of `module` on its own:
     with offloaded weights ComfyUI casts each into a shared buffer that the next op overwrites, so backward must
     re-fetch a weight right before using it (the recipe of ComfyUI's OffloadCheckpointFunction). Returns the ops,
     whose `forward` attribute is to be deleted afterwards."""
     ops = [m for m in module.modules() if hasattr(m, "comfy_cast_weights")]
     for m in ops:
-        m.forward = functools.partial(checkpointed, type(m).forward.__get__(m))
+        m.forward = functools.partial(recomputed, type(m).forward.__get__(m))
     return ops
 
 
@@ -317,12 +317,12 @@ class TrainingBackend(SamplingBackend):
     - LoRAs attach as bypass forward hooks on the copy's projections (`lora.attach`); guidance, SDXL conds and
       other patches keep working through ComfyUI.
     - `session()` loads the UNet once for the whole run: fully when it fits, else offloaded with every
-      weight-casting op checkpointed on its own (`offload`: None decides by free device memory). Each sampling call
+      weight-casting op recomputed on its own (`offload`: None decides by free device memory). Each sampling call
       prepares the model the same way (a prepare-sampling wrapper, as ComfyUI's TrainGuider does), so ComfyUI
       never partially unloads it between steps.
     - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
       call: ComfyUI batches cond and uncond by the free memory of the moment, and a recompute must see the shapes
-      of its forward. `checkpoint="blocks"` also checkpoints each UNet block inside it (`checkpointing.within`).
+      of its forward. `recompute="blocks"` also recomputes each UNet block inside it (`blockwise.within`).
 
     `copy_model=False` trains `model` itself, for a caller that loaded it outside inference mode and uses it for
     nothing else (the command line): one copy of the weights instead of two.
@@ -344,7 +344,7 @@ class TrainingBackend(SamplingBackend):
         self.base_model_version = base_model_version(self.model)
         self.compute_dtype = self.model.model.get_dtype_inference()
         self.loras = None
-        self.offload, self.offloaded, self.checkpointing = offload, False, False
+        self.offload, self.offloaded, self.recompute = offload, False, False
         self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, OWN_WRAPPER, self._prepare)
         self.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, OWN_WRAPPER, self._apply_model)
 
@@ -353,10 +353,10 @@ class TrainingBackend(SamplingBackend):
                         force_full_load=not self.offloaded, force_offload=self.offloaded)
 
     def _apply_model(self, executor, *args, **kwargs):
-        if self.checkpointing == "blocks":  # each UNet block too, inside the call's checkpoint
-            executor = checkpointing.within(executor, checkpointing.blocks(self.model.model.diffusion_model,
-                                                                           checkpointing.UNET_BLOCKS))
-        return checkpointed(executor, *args, enabled=bool(self.checkpointing), **kwargs)
+        if self.recompute == "blocks":  # each UNet block too, inside the call's recomputation
+            executor = blockwise.within(executor, blockwise.blocks(self.model.model.diffusion_model,
+                                                                           blockwise.UNET_BLOCKS))
+        return recomputed(executor, *args, enabled=bool(self.recompute), **kwargs)
 
     @contextlib.contextmanager
     def session(self):
@@ -367,19 +367,19 @@ class TrainingBackend(SamplingBackend):
             self.offloaded = size > comfy.model_management.get_free_memory(self.device)
         comfy.model_management.load_models_gpu([self.model], memory_required=1e20 if self.offloaded else 0,
                                                force_full_load=not self.offloaded)
-        ops = checkpoint_each_op(self.model.model.diffusion_model) if self.offloaded else []
+        ops = recompute_each_op(self.model.model.diffusion_model) if self.offloaded else []
         try:
             yield self
         finally:
             for m in ops:
                 del m.forward
 
-    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
-        self.checkpointing = checkpoint
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, recompute=False):
+        self.recompute = recompute
         try:
             return super().run(fn, prompts, negative_prompt, cfg, noise, steps)
         finally:
-            self.checkpointing = False
+            self.recompute = False
 
     def add_loras(self, rank, alpha=None, resnets=False):
         from ..lora import LoRASet, attach, is_target, kohya_name
@@ -404,17 +404,17 @@ class TrainingBackend(SamplingBackend):
     def modules(self):
         return [self.model.model.diffusion_model, self.vae_model]
 
-    def decode(self, x0, checkpoint=True):
-        """Images (B, 3, H, W) in [0, 1], differentiable; with `checkpoint`, one image at a time and each decoder
-        block recomputed in backward (`checkpointing.per_image`)."""
+    def decode(self, x0, recompute=True):
+        """Images (B, 3, H, W) in [0, 1], differentiable; with `recompute`, one image at a time and each decoder
+        block recomputed in backward (`blockwise.per_image`)."""
         self.vae_model.to(self.device)
 
         def decode(latent):
             # In the VAE's own dtype (never fp16, see `decode_dtype`), whatever the autocast.
             with torch.autocast(self.device.type, enabled=False):
                 return self.vae_model.decode(self.latent_format.process_out(latent).to(self.vae_dtype)).float()
-        blocks = checkpointing.blocks(self.vae_model.decoder, checkpointing.DECODER_BLOCKS) if checkpoint else []
-        return ((checkpointing.per_image(decode, x0, blocks) + 1) / 2).clamp(0, 1)
+        blocks = blockwise.blocks(self.vae_model.decoder, blockwise.DECODER_BLOCKS) if recompute else []
+        return ((blockwise.per_image(decode, x0, blocks) + 1) / 2).clamp(0, 1)
 
 
 # ----- annealed importance guidance (guidance.py) over two MODELs ----------------------------------------------------
@@ -447,11 +447,10 @@ def run_aig(base_model, lora_model, positive, negative, cfg, sigmas, fn, latent_
                       callback, disable_pbar)
 
 
-def sample_aig(base_model, lora_model, positive, negative, latent, seed, steps, cfg, schedule, p=1.0, f=0.5,
+def sample_mixed(base_model, lora_model, positive, negative, latent, seed, steps, cfg, schedule, p=1.0, f=0.5,
                callback=None, disable_pbar=True):
     """DDIM as `sample`, with the base and LoRA MODELs mixed by an AIG schedule (`guidance`)."""
-    from ..guidance import aig_weights
-    from ..guidance import sample_aig as aig
+    from ..guidance import aig_weights, sample_aig
 
     check_model(base_model)
     sigmas = ddim_sigmas(base_model, steps)
@@ -460,7 +459,7 @@ def sample_aig(base_model, lora_model, positive, negative, latent, seed, steps, 
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     with torch.no_grad():
         return run_aig(base_model, lora_model, positive, negative, cfg, sigmas,
-                       lambda b, m, x, s, cb: aig(b, m, x, s, weights, callback=cb), latent_image, noise, seed,
+                       lambda b, m, x, s, cb: sample_aig(b, m, x, s, weights, callback=cb), latent_image, noise, seed,
                        latent.get("noise_mask"), callback, disable_pbar)
 
 

@@ -9,8 +9,8 @@ import functools
 
 import torch
 
-from .. import checkpointing
-from ..sampling import check_grad_steps, checkpointed, sample_ddim
+from .. import blockwise
+from ..sampling import check_grad_steps, recomputed, sample_ddim
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -87,13 +87,13 @@ def cat_conditioning(conds):
             for k, v in conds[0].items()}
 
 
-def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, checkpoint=True, callback=None):
+def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, recompute=True, callback=None):
     """DDIM (eta = 0) from unit Gaussian `noise`, started as diffusers does (x_T = noise in DDPM
     space); returns x0 of the last step, differentiable in its last `grad_steps` steps."""
     sigmas = denoiser.ddim_sigmas(steps).to(noise.device, noise.dtype)
     check_grad_steps(grad_steps, steps)
     return sample_ddim(guided(denoiser, cond, uncond, cfg), start_latent(noise, sigmas), sigmas, callback=callback,
-                       grad_steps=grad_steps, checkpoint=checkpoint)
+                       grad_steps=grad_steps, recompute=recompute)
 
 
 def start_latent(noise, sigmas):
@@ -199,8 +199,8 @@ class TrainingBackend:
     def session(self):
         return contextlib.nullcontext(self)  # the models sit on the device from the start
 
-    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, checkpoint=False):
-        """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM; with `checkpoint`
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps, recompute=False):
+        """`fn(model, x_T, sigmas)` with the CFG-guided x0 predictor, as diffusers starts DDIM; with `recompute`
         each guided call made with gradient is recomputed in backward (cond and uncond are always one batch)."""
         cond, uncond = self.encode(prompts), self.encode([negative_prompt] * len(prompts))
         if "added_cond_kwargs" in cond:  # SDXL's size conditioning: original size, crop (0, 0), target size
@@ -209,20 +209,20 @@ class TrainingBackend:
             for c in (cond, uncond):
                 c["added_cond_kwargs"]["time_ids"] = time_ids
         model = guided(self.denoiser, cond, uncond, cfg)
-        if checkpoint == "blocks":  # each UNet block too, inside the call's checkpoint
-            model = checkpointing.within(model, checkpointing.blocks(self.unet, checkpointing.UNET_BLOCKS))
-        if checkpoint:
-            model = functools.partial(checkpointed, model)
+        if recompute == "blocks":  # each UNet block too, inside the call's recomputation
+            model = blockwise.within(model, blockwise.blocks(self.unet, blockwise.UNET_BLOCKS))
+        if recompute:
+            model = functools.partial(recomputed, model)
         sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
         return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
 
-    def decode(self, x0, checkpoint=True):
-        """Images in [0, 1]; with `checkpoint` the VAE decoder's blocks are recomputed in the backward pass."""
+    def decode(self, x0, recompute=True):
+        """Images in [0, 1]; with `recompute` the VAE decoder's blocks are recomputed in the backward pass."""
         if self.vae is None:  # pixel space; grey images become RGB for the rewards
             images = x0.expand(-1, 3, -1, -1) if x0.shape[1] == 1 else x0
         else:  # one image at a time, each decoder block recomputed in backward
-            blocks = checkpointing.blocks(self.vae.decoder, checkpointing.DECODER_BLOCKS) if checkpoint else []
-            images = checkpointing.per_image(self.vae_decode, x0, blocks)
+            blocks = blockwise.blocks(self.vae.decoder, blockwise.DECODER_BLOCKS) if recompute else []
+            images = blockwise.per_image(self.vae_decode, x0, blocks)
         return ((images + 1) / 2).clamp(0, 1)
 
     def vae_decode(self, latent):

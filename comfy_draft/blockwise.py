@@ -1,11 +1,11 @@
 """Gradient checkpointing at block granularity: each block of a module keeps only its inputs for backward and is
 recomputed there, so a backward pass holds the block boundaries plus one block's activations at a time.
 
-The VAE decoder for the reward is checkpointed this way (one image at a time: `backends.*.decode`); the UNet too
-when `TrainConfig.checkpointing` is "blocks" (chosen by `memory.checkpointing_policy` under "auto"). Both nest the
-block checkpoints inside one checkpoint per image or per UNet call, so only one image's or call's block boundaries
-are held at a time; the price is one more forward of that image's decoder or that call. Blocks are found by class
-name, the same rule for ComfyUI's and diffusers' models, without re-implementing their forward passes.
+The VAE decoder for the reward is recomputed this way (one image at a time: `backends.*.decode`); the UNet too
+when `TrainConfig.gradient_checkpointing` is "blocks" (chosen by `memory.choose_gradient_checkpointing` under "auto").
+Both nest the block recomputation inside one recomputation per image or per UNet call, so only one image's or call's
+block boundaries are held at a time; the price is one more forward of that image's decoder or that call. Blocks are
+found by class name, the same rule for ComfyUI's and diffusers' models, without re-implementing their forward passes.
 """
 import contextlib
 import copy
@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .sampling import checkpointed
+from .sampling import recomputed
 
 # ComfyUI's (comfy/ldm/modules/diffusionmodules/model.py) and diffusers' VAE decoder blocks: each up-block's ResNet
 # blocks, attention and upsampler, and the mid-block's.
@@ -37,21 +37,21 @@ def blocks(root, names):
     return found
 
 
-def _checkpointed_forward(forward, *args, **kwargs):
+def _recomputed_forward(forward, *args, **kwargs):
     # ComfyUI updates transformer_options between blocks: the recompute must see them as the forward did.
     args = [copy.copy(a) if isinstance(a, dict) else a for a in args]
     kwargs = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-    return checkpointed(forward, *args, **kwargs)
+    return recomputed(forward, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def each(modules, enabled=True):
-    """Within the block, each of `modules` checkpoints its own forward (whatever forward it had: ComfyUI's
-    per-op checkpointing of offloaded weights nests inside). The recompute keeps working after the block ends:
+    """Within the block, each of `modules` recomputes its own forward (whatever forward it had: ComfyUI's
+    per-op recomputation of offloaded weights nests inside). The recompute keeps working after the block ends:
     backward may run later."""
     saved = [(m, m.__dict__.get("forward")) for m in modules] if enabled else []
     for m, own in saved:
-        m.forward = functools.partial(_checkpointed_forward, own or type(m).forward.__get__(m))
+        m.forward = functools.partial(_recomputed_forward, own or type(m).forward.__get__(m))
     try:
         yield
     finally:
@@ -63,17 +63,17 @@ def each(modules, enabled=True):
 
 
 def within(fn, modules):
-    """fn, with each of `modules` checkpointed while it runs (and while a checkpoint around it recomputes it)."""
+    """fn, with each of `modules` recomputed in backward while it runs (and while a recomputation around it re-runs it)."""
     def run(*args, **kwargs):
         with each(modules):
             return fn(*args, **kwargs)
     return run
 
 
-def per_image(decode, x0, checkpoint_blocks):
-    """`decode(latent)`, checkpointed per image, with each decoder block in `checkpoint_blocks` checkpointed inside
-    (an empty list: no checkpointing). Backward recomputes one image's decode keeping only its block boundaries,
+def per_image(decode, x0, recompute_blocks):
+    """`decode(latent)`, recomputed per image, with each decoder block in `recompute_blocks` recomputed inside
+    (an empty list: no recomputation). Backward recomputes one image's decode keeping only its block boundaries,
     then one block at a time: the decoder holds one image's boundaries and one block, whatever the batch or n."""
-    if not checkpoint_blocks or not torch.is_grad_enabled():
+    if not recompute_blocks or not torch.is_grad_enabled():
         return decode(x0)
-    return torch.cat([checkpointed(within(decode, checkpoint_blocks), x0[i:i + 1]) for i in range(x0.shape[0])])
+    return torch.cat([recomputed(within(decode, recompute_blocks), x0[i:i + 1]) for i in range(x0.shape[0])])
