@@ -43,8 +43,11 @@ def load_workflow(page, workflow):
     }""", workflow)
 
 
+EXTENSION = "comfydraftdraftrewardfinetuning.canvas"  # under the pack's namespace: its DisplayName, as comfy-test lint asks
+
+
 def test_extension_is_loaded(page):
-    assert page.evaluate("app.extensions.some((e) => e.name === 'comfy_draft')")
+    assert page.evaluate(f"app.extensions.some((e) => e.name === '{EXTENSION}')")
     assert not [e for e in page.errors if "comfy_draft" in e]
 
 
@@ -203,7 +206,8 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
 def test_a_workflow_saved_before_the_options_node_keeps_its_settings(page, comfyui, checkpointing):
     """The training example as saved before the advanced settings moved: the canvas restores the trainer's values by
     name and puts the moved ones on a new DRaFT Training Options node, so it queues the run the example queues now.
-    A workflow saved with precision, accumulation and the boolean checkpointing (False: "off") keeps them too."""
+    A workflow saved with precision, accumulation and the boolean checkpointing (False: gradient_checkpointing "off",
+    its name and value now) keeps them too."""
     old = json.loads((REPO / "tests" / "data" / "train_workflow_before_options_node.json").read_text())
     if checkpointing is not None:
         (trainer,) = [n for n in old["nodes"] if n["type"] == "DRaFTTrainLoRA"]
@@ -214,7 +218,7 @@ def test_a_workflow_saved_before_the_options_node_keeps_its_settings(page, comfy
     queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in queued.items()}  # no _meta
     options_id = queued["3"]["inputs"].pop("options")[0]
     # reward_resolution 256, save_every 50, the rest the defaults (the variant settings added since included)
-    want = dict(expected["13"]["inputs"], **({} if checkpointing is None else {"checkpointing": "off"}))
+    want = dict(expected["13"]["inputs"], **({} if checkpointing is None else {"gradient_checkpointing": "off"}))
     assert queued[options_id]["class_type"] == expected["13"]["class_type"]
     assert {k: queued[options_id]["inputs"].get(k) for k in want} == want
     assert queued["3"]["inputs"] == {k: v for k, v in expected["3"]["inputs"].items() if k != "options"}

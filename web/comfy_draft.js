@@ -1,21 +1,30 @@
 // comfy-draft canvas extension: a live training chart on DRaFTTrainLoRA (from the node's
-// "comfy_draft.train_step" websocket events, replayed from /comfy_draft/history after a reload) and the
-// scores text on DRaFTScoreImages. Without this extension the pack still works: the trainer's IMAGE output
-// carries the curve.
+// "comfy_draft.train_step" websocket events, replayed from /comfy_draft/history after a reload) and the text
+// (`ui.text`) that the pack's nodes return, shown on the node. Without this extension the pack still works: the
+// trainer's IMAGE output carries the curve.
+//
+// ComfyUI loads every .js under web/ into one page shared with every other pack, so this file touches only what is
+// its own: the extension and widget type names are under the pack's namespace (its DisplayName, as `comfy-test lint`
+// requires), the chart lives in a shadow root with its stylesheets (uPlot's and web/comfy_draft.css), and nothing
+// is added to the document's head or styled outside the chart.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
-// uPlot 1.6.32 (MIT, Leon Sorokin), vendored from npm into lib/uplot/ (ES module build: ComfyUI imports
+// uPlot 1.6.32 (MIT, Leon Sorokin), vendored from npm into vendor/uplot/ (ES module build: ComfyUI imports
 // every .js under web/ as a module, so this file is loaded once, from the same URL).
-import uPlot from "./lib/uplot/uPlot.esm.js";
+import uPlot from "./vendor/uplot/uPlot.esm.js";
 
-const css = document.createElement("link");
-css.rel = "stylesheet";
-css.href = new URL("./lib/uplot/uPlot.min.css", import.meta.url).href;
-const style = document.createElement("style");
-style.textContent = `.comfy-draft-chart .u-title { font-size: 12px; font-weight: normal; }
-.comfy-draft-chart .u-legend { font-size: 11px; }`;
-document.head.append(css, style);
+// The folder ComfyUI serves web/ from (/extensions/<pack>/comfy_draft.js) is the one it names the pack's nodes'
+// python_module after ("custom_nodes.<pack>"); as the frontend does, a "@version" suffix is not part of the name.
+const packId = (name) => name?.split("@")[0];
+const PACK = packId(decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2)));
+const isPackNode = (nodeData) => {
+  const [root, pack] = nodeData?.python_module?.split(".") ?? [];
+  return root === "custom_nodes" && packId(pack) === PACK;
+};
+
+// The chart's stylesheets, loaded inside its shadow root only.
+const STYLESHEETS = ["./vendor/uplot/uPlot.min.css", "./comfy_draft.css"].map((p) => new URL(p, import.meta.url).href);
 
 const PLOT_HEIGHT = 140;
 const COLOURS = ["#4a90e2", "#f0ad4e", "#b366ff", "#5cb85c", "#5bc0de", "#e0e0e0"];
@@ -43,19 +52,35 @@ function axisSize(u, values, axisIdx, cycleNum) {
   return Math.ceil(axis.ticks.size + axis.gap + longest / uPlot.pxRatio) + 4;
 }
 
-// The panels with data: [title, metric keys], as comfy_draft/plotting.py's curve_panels.
+const label = (key) => key.replace("val_", "held-out ").replaceAll("_", " ");
+const column = (steps, key) => steps.map((m) => (Number.isFinite(m[key]) ? m[key] : null));
+
+// The chart's panels ([title, metric keys]) and its smoothed reward are comfy_draft/plotting.py's (curve_panels and
+// smoothed, which also draw the trainer's reward_curve image). A server that sends them with each step (`panels` and
+// `reward_smoothed` in the step's event and history) is followed as it is; for one that does not, the rules below
+// are plotting.py's, and tests/test_browser.py checks the chart against plotting.py on a real run.
+const sentPanels = (steps) => steps.at(-1)?.panels;
+const sentSmoothed = (steps) => (steps.every((m) => "reward_smoothed" in m) ? column(steps, "reward_smoothed") : null);
+
 function panelsOf(steps) {
+  const present = (key) => steps.some((m) => key in m);
+  return (sentPanels(steps) ?? curvePanels(steps))
+    .map(([title, keys]) => [title, keys.filter(present)])
+    .filter(([, keys]) => keys.length);
+}
+
+// plotting.curve_panels, with the panels' titles.
+function curvePanels(steps) {
   const val = [...new Set(steps.flatMap((m) => Object.keys(m).filter((k) => k.startsWith("val_"))))].sort();
-  const panels = [
-    ["reward", ["reward", ...val.filter((k) => k === "val_reward")]],
+  return [
+    ["reward", ["reward", "val_reward"]],
     ["judges (held-out)", val.filter((k) => k !== "val_reward" && !k.includes("diversity"))],
     ["diversity (held-out)", val.filter((k) => k.includes("diversity"))],
     ["gradient norm / KL", steps.some((m) => m.kl) ? ["grad_norm", "kl"] : ["grad_norm"]],
   ];
-  return panels.filter(([, keys]) => keys.length);
 }
 
-// Exponential moving average, debiased at the start (as TensorBoard smooths; plotting.smoothed).
+// plotting.smoothed: an exponential moving average, debiased at the start (as TensorBoard smooths).
 function smoothed(values, weight = 0.8) {
   let average = 0, i = 0;
   return values.map((v) => {
@@ -64,9 +89,6 @@ function smoothed(values, weight = 0.8) {
     return average / (1 - weight ** ++i);
   });
 }
-
-const label = (key) => key.replace("val_", "held-out ").replaceAll("_", " ");
-const column = (steps, key) => steps.map((m) => (Number.isFinite(m[key]) ? m[key] : null));
 
 // uPlot series and data columns of one panel (x: the step).
 function panelData(keys, chart) {
@@ -78,7 +100,7 @@ function panelData(keys, chart) {
       const dots = { show: true, size: 4 };
       series.push({ label: "reward (per step)", stroke: colour + "88", paths: () => null, points: dots });
       series.push({ label: "reward (smoothed)", stroke: colour, width: 2 });
-      data.push(values, smoothed(values));
+      data.push(values, sentSmoothed(chart.steps) ?? smoothed(values));
     } else {
       const validated = key.startsWith("val_");  // every few steps: points joined across the gaps
       series.push({ label: label(key), stroke: colour, spanGaps: validated, points: { show: validated, size: 6 } });
@@ -121,11 +143,22 @@ class TrainingChart {
     this.node = node;
     this.chart = { steps: [], total: 0, diversity_floor: 0, kept_step: null };
     this.plots = [];
+    // The widget's element hosts a shadow root: uPlot's stylesheet and the chart's own apply inside it only.
     this.element = document.createElement("div");
     this.element.className = "comfy-draft-chart";
-    this.element.style.cssText = "overflow:hidden;background:#1e1e1e;color:#ddd;font:11px sans-serif;";
+    const root = this.element.attachShadow({ mode: "open" });
+    const styled = STYLESHEETS.map((href) => new Promise((loaded) => {
+      root.append(Object.assign(document.createElement("link"), { rel: "stylesheet", href, onload: loaded,
+                                                                  onerror: loaded }));
+    }));
     this.content = document.createElement("div");  // natural height: the widget's minimum
-    this.element.append(this.content);
+    this.content.className = "comfy-draft-chart-content";
+    root.append(this.content);
+    this.styled = false;  // plots are made once the stylesheets apply (uPlot measures its layout when made)
+    Promise.all(styled).then(() => {
+      this.styled = true;
+      this.render();
+    });
     this.render();
     new ResizeObserver(() => this.plots.forEach((u) => u.setSize({ width: this.width(), height: PLOT_HEIGHT })))
       .observe(this.element);
@@ -154,13 +187,13 @@ class TrainingChart {
 
   render() {
     const { steps } = this.chart;
-    if (!steps.length) {
+    if (!steps.length || !this.styled) {
       this.clear();
-      this.content.textContent = "training chart: waiting for training steps";
-      this.content.style.padding = "8px";
+      this.content.textContent = `training chart: ${steps.length ? "loading" : "waiting for training steps"}`;
+      this.content.classList.add("comfy-draft-chart-waiting");
       return;
     }
-    const panels = panelsOf(steps);
+    const panels = this.panels = panelsOf(steps);
     const shape = JSON.stringify([panels, this.chart.diversity_floor > 0]);
     if (shape === this.shape) {
       panels.forEach(([, keys], i) => this.plots[i].setData(panelData(keys, this.chart).data));
@@ -169,7 +202,7 @@ class TrainingChart {
     }
     this.clear();
     this.shape = shape;
-    this.content.style.padding = "0";
+    this.content.classList.remove("comfy-draft-chart-waiting");
     const first = steps[0].step, chart = this.chart;
     this.plots = panels.map(([title, keys]) => {
       const { series, data } = panelData(keys, chart);
@@ -214,32 +247,42 @@ async function fetchHistory() {
   }
 }
 
+// The text a node of the pack returns in `ui.text` (scores, sweep tables, the trainer's summary), in a read-only box.
 function showText(node, text) {
-  let widget = node.widgets?.find((w) => w.name === "result_text");
+  let widget = node.widgets?.find((w) => w.name === TEXT_WIDGET);
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, "result_text", ["STRING", { multiline: true }], app).widget;
+    widget = ComfyWidgets.STRING(node, TEXT_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget.label = "result";
     widget.inputEl.readOnly = true;
     widget.serialize = false;
   }
   widget.value = text;
 }
 
-// DRaFTTrainLoRA's widgets before its advanced settings moved to the DRaFT Training Options node. The frontend
-// restores widget values by position, so a workflow saved then is recognised by its values (numbers from k to
-// seed, then the seed's control value, save_every and lora_name) and its values are restored by name; the moved
-// ones go to an options node created beside the trainer.
+// DRaFTTrainLoRA's widgets in workflows saved before its advanced settings moved to the DRaFT Training Options node:
+// a record of that saved format (the frontend restores widget values by position), and the settings of it renamed
+// since, with how their old values read now. Such a workflow is recognised by its values (numbers from k to seed,
+// then the seed's control value, save_every and lora_name); the values are restored by name, and those that are
+// inputs of DRaFTTrainingOptions, as its node definition names them, go to an options node created beside it.
 const OLD_TRAINER_WIDGETS = ["prompts", "negative_prompt", "variant", "k", "lv_samples", "training_steps",
   "sampling_steps", "cfg", "width", "height", "batch_size", "learning_rate", "rank", "seed", "control_after_generate",
   "save_every", "lora_name", "resume_lora", "resume_state", "kl_coef", "reward_resolution", "precision",
   "accumulation", "checkpointing"];
-const MOVED_TO_OPTIONS = ["k", "lv_samples", "save_every", "kl_coef", "reward_resolution", "precision",
-  "accumulation", "checkpointing"];
+const RENAMED = {
+  // a boolean before it gained "auto" and "blocks"
+  checkpointing: ["gradient_checkpointing", (v) => (typeof v === "boolean" ? (v ? "on" : "off") : v)],
+};
+let optionInputs = new Set();  // DRaFTTrainingOptions's inputs, from its node definition (beforeRegisterNodeDef)
 
 function oldTrainerValues(values) {
   const old = Array.isArray(values) && values.length >= 17 && values.length <= OLD_TRAINER_WIDGETS.length
     && values.slice(3, 14).every((v) => typeof v === "number")
     && typeof values[14] === "string" && typeof values[15] === "number" && typeof values[16] === "string";
-  return old ? Object.fromEntries(values.map((v, i) => [OLD_TRAINER_WIDGETS[i], v])) : null;
+  if (!old) return null;
+  return Object.fromEntries(values.map((v, i) => {
+    const [name, convert] = RENAMED[OLD_TRAINER_WIDGETS[i]] ?? [OLD_TRAINER_WIDGETS[i], (x) => x];
+    return [name, convert(v)];
+  }));
 }
 
 function addMovedOptions(trainer, moved) {
@@ -247,18 +290,19 @@ function addMovedOptions(trainer, moved) {
   app.graph.add(options);
   options.pos = [trainer.pos[0] - options.size[0] - 40, trainer.pos[1]];
   for (const widget of options.widgets ?? []) {
-    if (!(widget.name in moved)) continue;
-    const value = moved[widget.name];
-    // checkpointing was a boolean before it gained "auto" and "blocks"
-    widget.value = widget.name === "checkpointing" && typeof value === "boolean" ? (value ? "on" : "off") : value;
+    if (widget.name in moved) widget.value = moved[widget.name];
   }
   options.connect(0, trainer, trainer.findInputSlot("options"));
 }
 
 const chartOf = (id) => (app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id))?.draftChart;
 
+// Names under the pack's namespace: its DisplayName ("comfy-draft: DRaFT reward fine-tuning" in pyproject.toml),
+// lowercased to letters and digits.
+const TEXT_WIDGET = "comfydraftdraftrewardfinetuning_text";
+
 app.registerExtension({
-  name: "comfy_draft",
+  name: "comfydraftdraftrewardfinetuning.canvas",
   setup() {
     api.addEventListener("comfy_draft.train_step", ({ detail }) => chartOf(detail.node)?.addStep(detail));
   },
@@ -270,6 +314,10 @@ app.registerExtension({
     if (node.inputs?.find((i) => i.name === "options")?.link == null) addMovedOptions(node, moved);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!isPackNode(nodeData)) return;
+    if (nodeData.name === "DRaFTTrainingOptions") {
+      optionInputs = new Set(Object.keys({ ...nodeData.input?.required, ...nodeData.input?.optional }));
+    }
     if (nodeData.name === "DRaFTTrainLoRA") {
       const configure = nodeType.prototype.configure;
       nodeType.prototype.configure = function (info) {
@@ -278,7 +326,7 @@ app.registerExtension({
           const values = this.widgets.filter((w) => w.serialize !== false)
             .map((w) => (w.name in old ? old[w.name] : w.value));
           info = { ...info, widgets_values: values };
-          this.movedOptions = Object.fromEntries(MOVED_TO_OPTIONS.filter((k) => k in old).map((k) => [k, old[k]]));
+          this.movedOptions = Object.fromEntries(Object.entries(old).filter(([k]) => optionInputs.has(k)));
         }
         return configure.call(this, info);
       };
@@ -287,7 +335,7 @@ app.registerExtension({
         onNodeCreated?.apply(this, arguments);
         this.draftChart = new TrainingChart(this);
         const content = this.draftChart.content;
-        this.addDOMWidget("training_chart", "comfy_draft.chart", this.draftChart.element, {
+        this.addDOMWidget("training_chart", "comfydraftdraftrewardfinetuning.chart", this.draftChart.element, {
           serialize: false,
           margin: 4,
           getMinHeight: () => Math.max(40, content.offsetHeight) + 2 * 4,  // the widget's margins inside
@@ -304,13 +352,12 @@ app.registerExtension({
         fetchHistory().then((history) => this.draftChart.replay(history[String(this.id)]));
       };
     }
-    if (["DRaFTScoreImages", "DRaFTTrainLoRA", "DRaFTLoRAStrengthSweep"].includes(nodeData.name)) {
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        onExecuted?.apply(this, arguments);
-        if (message?.text) showText(this, message.text.join("\n"));
-        this.setDirtyCanvas(true, true);
-      };
-    }
+    // Every node of the pack: the text it returns in `ui.text`, on the node.
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      if (message?.text) showText(this, message.text.join("\n"));
+      this.setDirtyCanvas(true, true);
+    };
   },
 });
