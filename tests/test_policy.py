@@ -72,16 +72,18 @@ def test_stochastic_sampler_takes_exactly_those_gaussian_steps():
 
 
 def test_ppo_loss_is_the_clipped_surrogate():
-    log_prob = torch.tensor([0.0, 0.3, -0.3, 0.3, -0.3], requires_grad=True)
-    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0])
-    loss, ratio = policy.ppo_loss(log_prob, torch.zeros(5), advantages, 0.1)
+    # float64 against numpy's float64: in float32 the loss was within 4x of rtol 1e-6 (2 eps) with AVX2 kernels
+    log_prob = torch.tensor([0.0, 0.3, -0.3, 0.3, -0.3], dtype=torch.float64, requires_grad=True)
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    loss, ratio = policy.ppo_loss(log_prob, torch.zeros(5, dtype=torch.float64), advantages, 0.1)
+    assert loss.dtype == torch.float64
     r = np.exp(log_prob.detach().numpy())
     expected = np.mean(-np.minimum(r * advantages.numpy(), np.clip(r, 0.9, 1.1) * advantages.numpy()))
-    np.testing.assert_allclose(loss.item(), expected, rtol=1e-6)
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-12)
     loss.backward()
     # no gradient where the ratio already moved past the range in the direction its advantage rewards (up for
     # A > 0, down for A < 0); the full gradient -A * ratio / n elsewhere
-    np.testing.assert_allclose(log_prob.grad.numpy(), [-0.2, 0, -0.2 * r[2], 0.2 * r[3], 0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(log_prob.grad.numpy(), [-0.2, 0, -0.2 * r[2], 0.2 * r[3], 0], rtol=1e-12, atol=1e-15)
 
 
 def test_advantages_are_normalised_per_prompt():

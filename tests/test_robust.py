@@ -1,4 +1,9 @@
-"""Robust reward wrappers (EOT, ensembles) against explicit loops and independent references; the trainer's seeds."""
+"""Robust reward wrappers (EOT, ensembles) against explicit loops and independent references; the trainer's seeds.
+
+Comparisons of two computations that sum in different orders (a batched EOT against a loop, our transforms against
+torchvision's) run in float64: float32 rounding there depends on the kernels and the CPU's SIMD width."""
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -28,38 +33,39 @@ def classifier_reward():
 
 
 def test_eot_gradient_is_the_mean_of_per_transform_gradients(classifier_reward):
-    images = digit_images()
-    eot = ExpectationOverTransforms(classifier_reward, TRANSFORMS, strength=1.0, draws=5, seed=3)
+    images, reward = digit_images().double(), copy.deepcopy(classifier_reward).double()  # float64: see the top
+    eot = ExpectationOverTransforms(reward, TRANSFORMS, strength=1.0, draws=5, seed=3)
     params = eot.draw(len(images))  # unseeded: the same draws on every call
-    expected_value = torch.stack([classifier_reward(apply_transforms(images, p)) for p in params]).mean(0)
-    expected_grad = torch.stack([grad_of(lambda x, p=p: classifier_reward(apply_transforms(x, p)), images)
+    expected_value = torch.stack([reward(apply_transforms(images, p)) for p in params]).mean(0)
+    expected_grad = torch.stack([grad_of(lambda x, p=p: reward(apply_transforms(x, p)), images)
                                  for p in params]).mean(0)
-    torch.testing.assert_close(eot(images), expected_value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eot(images), expected_value, rtol=1e-10, atol=1e-10 * expected_value.abs().max().item())
     grad = grad_of(eot, images)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-10 * expected_grad.abs().max().item())
     assert grad.abs().sum() > 0
-    plain = grad_of(classifier_reward, images)
+    plain = grad_of(reward, images)
     assert (grad - plain).abs().max() > 1e-3 * plain.abs().max()  # the transforms change the gradient
 
 
 def test_transforms_match_independent_references():
-    images = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(1))
-    ones = torch.ones(2)
-    torch.testing.assert_close(apply_transforms(images, {"flip": ones}), images.flip(-1), atol=1e-5, rtol=0)
+    # float64 (see the top): interpolation weights off by rounding only, 1e-16, where a wrong pixel or sigma is 1e-2
+    images = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)  # float64 parameters too: 2 / 24 in float32 is a shift off by 1e-8
+    torch.testing.assert_close(apply_transforms(images, {"flip": ones}), images.flip(-1), atol=1e-12, rtol=0)
     # a shift by exactly 2 pixels to the right: the interior is torch.roll's (borders are reflected)
     shifted = apply_transforms(images, {"shift_x": 2 / 24 * ones, "shift_y": 0 * ones})
-    torch.testing.assert_close(shifted[..., 2:], images[..., :-2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shifted[..., 2:], images[..., :-2], atol=1e-12, rtol=0)
     # blur: torchvision's Gaussian blur (reflect padding) with the same sigma and kernel size
-    sigma = torch.tensor([0.8, 1.3])  # sigmas in pixels at this size (max(1, 20 / 256) = 1 px per unit)
+    sigma = torch.tensor([0.8, 1.3], dtype=torch.float64)  # sigmas in pixels at this size (max(1, 20 / 256) = 1 px per unit)
     blurred = apply_transforms(images, {"blur": sigma})
     for i in range(2):
         size = 2 * max(1, int(torch.ceil(3 * sigma.max()))) + 1
         ref = torchvision.transforms.functional.gaussian_blur(images[i:i + 1], size, float(sigma[i]))
-        torch.testing.assert_close(blurred[i:i + 1], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(blurred[i:i + 1], ref, atol=1e-12, rtol=0)
     # colour: brightness alone is a product; zoom 1 and no shift is the identity
     same = {"brightness": 1.1 * ones, "contrast": ones, "saturation": ones}
-    torch.testing.assert_close(apply_transforms(images, same), images * 1.1, atol=1e-5, rtol=0)
-    torch.testing.assert_close(apply_transforms(images, {"zoom": ones}), images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(apply_transforms(images, same), images * 1.1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(apply_transforms(images, {"zoom": ones}), images, atol=1e-12, rtol=0)
 
 
 def test_transforms_are_reproducible_per_seed(classifier_reward):
@@ -89,7 +95,7 @@ def test_transforms_are_reproducible_per_seed(classifier_reward):
 
 
 def test_min_ensemble_routes_gradient_to_the_worst_reward():
-    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)  # see the top
     images[:2] *= 0.3  # dark images: brightness is their worst reward; bright ones: 0.5 - brightness is
     bright = rewards.builtin_reward("brightness")
     dark = rewards.WeightedSum([rewards.builtin_reward("brightness")], [-1.0])
@@ -101,10 +107,10 @@ def test_min_ensemble_routes_gradient_to_the_worst_reward():
         assert (value <= scores.mean(0) + 1e-6).all() and (value >= scores.min(0).values - t * 0.7).all()
         weights = torch.softmax(-scores / t, 0)  # d softmin / d r_i
         expected = sum(weights[i][:, None, None, None] * grad_of(r, images) for i, r in enumerate(members))
-        torch.testing.assert_close(grad_of(ensemble, images), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad_of(ensemble, images), expected, rtol=1e-9, atol=1e-14)
     worst = scores.argmin(0)
     grad = grad_of(Ensemble(members, "min", temperature=1e-3), images)
-    for i in range(4):
+    for i in range(4):  # softmin at t = 1e-3 is the hard min up to exp(-gap / t): an approximation, not rounding
         torch.testing.assert_close(grad[i], grad_of(members[int(worst[i])], images)[i], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(Ensemble(members, "mean")(images), scores.mean(0))
 
