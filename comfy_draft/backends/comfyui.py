@@ -255,10 +255,20 @@ def trainable_copy(model):
     patches are applied once, not on top of already patched weights.
     """
     if model.cached_patcher_init is not None:
-        return model.clone(disable_dynamic=True, force_deepcopy=True)
-    comfy.model_management.unload_model_and_clones(model)  # puts the unpatched weights back
-    clone = model.clone(disable_dynamic=True, model_override=(plain_copy(model.model), ({}, {}, {}, set())))
-    clone.hook_backup = {}
+        clone = model.clone(disable_dynamic=True, force_deepcopy=True)
+    else:
+        comfy.model_management.unload_model_and_clones(model)  # puts the unpatched weights back
+        clone = model.clone(disable_dynamic=True, model_override=(plain_copy(model.model), ({}, {}, {}, set())))
+        clone.hook_backup = {}
+    # The copy's weights in the model's own dtype, whatever loader made them: under DynamicVRAM (comfy-aimdo) the
+    # reload's lazily built Linear/Embedding ops keep the file's dtype (comfy.ops.disable_weight_init.
+    # _lazy_load_from_state_dict), so an fp32 file on an fp16 model (or the reverse) came out mixed. Only the copy
+    # (a fresh module of its own) is cast; the MODEL the node was handed is left as it is. Quantized weights (tensor
+    # subclasses) stay as they are.
+    dtype = model.model.get_dtype()
+    for p in clone.model.diffusion_model.parameters():
+        if type(p.data) is torch.Tensor and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     return clone
 
 
