@@ -40,12 +40,13 @@ def smoothed(values, weight=0.8):
 
 
 def curve_panels(history):
-    """The metric keys of each panel: rewards, judges and diversity (when validated), gradient norm and KL."""
+    """The metric keys of each panel: rewards, judges and diversity (when validated), gradient norm with the DRaFT+
+    KL term and DDPO's policy shift (when they are not zero)."""
     val_keys = sorted({k for m in history for k in m if k.startswith("val_")})
     judges = [k for k in val_keys if k != "val_reward" and "diversity" not in k]
     diversity = [k for k in val_keys if "diversity" in k]
     panels = [["reward", "val_reward"]] + ([judges] if judges else []) + ([diversity] if diversity else [])
-    return panels + [["grad_norm", "kl"] if any(m.get("kl") for m in history) else ["grad_norm"]]
+    return panels + [["grad_norm"] + [k for k in ("kl", "policy_shift") if any(m.get(k) for m in history)]]
 
 
 def curve_image(history, kept_step=None, diversity_floor=0.0, width=720, height=None):

@@ -102,6 +102,24 @@ class StatTracker:
         self.buffer, self.min_count, self.stats = state["buffer"], state["min_count"], dict(state["stats"])
 
 
+class Rounds(dict):
+    """What ddpo, graft and pgraft carry from step to step, saved in the training state: each micro-batch's current
+    round of samples (micro-batch index -> round) and DDPO's per-prompt reward statistics (`stats`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.stats = StatTracker(config.stat_buffer, config.stat_min_count)
+
+    def state_dict(self):
+        return {"rounds": to_cpu(dict(self)), "stat_tracker": self.stats.state_dict()}
+
+    def load_state_dict(self, state, device):
+        self.clear()
+        self.update(to_device(state.get("rounds", {}), device))
+        if "stat_tracker" in state:
+            self.stats.load_state_dict(state["stat_tracker"])
+
+
 def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
     """PPO's clipped surrogate (to minimise) and the ratio exp(log_prob - old_log_prob)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -191,7 +209,7 @@ def ddpo_round(trainer, g):
         return x0
 
     backend.run(fn, prompts, c.negative_prompt, c.cfg, noise, c.sampling_steps, recompute=False)
-    advantages = trainer.stat_tracker.update(prompts, out["rewards"].cpu().numpy())
+    advantages = trainer.rounds.stats.update(prompts, out["rewards"].cpu().numpy())
     advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-c.adv_clip_max, c.adv_clip_max)
     return dict(out, prompts=prompts, noise=noise, advantages=advantages, old_log_probs=None)
 

@@ -242,8 +242,7 @@ class Trainer:
         self.history = []
         self.warnings = []  # said once each, also to the log
         self.skipped_in_a_row = 0
-        self.rounds = {}  # ddpo/graft/pgraft: micro-batch index -> its current round of samples (policy.py)
-        self.stat_tracker = policy.StatTracker(config.stat_buffer, config.stat_min_count)
+        self.rounds = policy.Rounds(config)  # ddpo/graft/pgraft: each micro-batch's round of samples, DDPO's statistics
         self.gradient_checkpointing = None  # False, True or "blocks": chosen once, before the first step
         with torch.inference_mode(False):  # frozen: no float32 master copy needed, half the memory in bf16/fp16
             self.reward = cast_copy(reward, backend.device, self.dtype)
@@ -450,7 +449,7 @@ class Trainer:
                  "step": self.step, "history": self.history, "config": dataclasses.asdict(self.config),
                  "processes": self.processes,
                  "validator": self.validator.state_dict() if self.validator is not None else None,
-                 "rounds": policy.to_cpu(self.rounds), "stat_tracker": self.stat_tracker.state_dict()}
+                 **self.rounds.state_dict()}
         atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
         return path
 
@@ -482,7 +481,5 @@ class Trainer:
         self.step, self.history = state["step"], list(state["history"])
         if self.validator is not None and state.get("validator"):
             self.validator.load_state_dict(state["validator"])
-        self.rounds = policy.to_device(state.get("rounds", {}), self.backend.device)
-        if "stat_tracker" in state:
-            self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self.rounds.load_state_dict(state, self.backend.device)
         return self
