@@ -6,8 +6,11 @@ import time
 
 import pytest
 import torch
+from playwright.sync_api import expect
 from tiny_clip import OPEN_CLIP, aesthetic_mlp, open_clip_model, write_aesthetic_mlp
 from ui_workflows import EXAMPLES, REPO, api_to_ui, ui_to_api
+
+from comfy_draft.plotting import curve_panels, smoothed
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -43,7 +46,7 @@ def load_workflow(page, workflow):
     }""", workflow)
 
 
-EXTENSION = "comfydraftdraftrewardfinetuning.canvas"  # under the pack's namespace: its DisplayName, as comfy-test lint asks
+EXTENSION = "comfydraftdraftrewardfinetuning.canvas"  # the pack's namespace: its DisplayName, as comfy-test lint asks
 
 
 def test_extension_is_loaded(page):
@@ -60,14 +63,15 @@ def test_example_workflow_loads_without_missing_nodes(page, name):
     assert page.get_by_text("Missing Node Types").count() == 0
 
 
-# The training chart of node `id`: its steps and, per uPlot panel, the title, legend labels and the tick labels
-# uPlot drew on the axes (axis._values).
+# The training chart of node `id`: its steps, its panels' metric keys, the smoothed reward it draws and, per uPlot
+# panel, the title, legend labels and the tick labels uPlot drew on the axes (axis._values).
 CHART = """(id) => {
     const chart = app.graph.getNodeById(id)?.draftChart;
     if (!chart) return null;
     const steps = chart.chart.steps;
     return {steps: steps.map((m) => m.step), validated: steps.filter((m) => 'val_reward' in m).map((m) => m.step),
-            kept: chart.chart.kept_step,
+            kept: chart.chart.kept_step, keys: (chart.panels ?? []).map(([, keys]) => keys),
+            smoothed: chart.plots[0]?.data[2],
             panels: chart.plots.map((u) => ({title: u.root.querySelector('.u-title').textContent,
                                              series: u.series.slice(1).map((s) => s.label),
                                              x: u.axes[0]._values, y: u.axes[1]._values,
@@ -182,6 +186,11 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
         assert p["height"] > 100 and p["y"] and p["x"], p
         assert all(is_number(v) for v in p["x"] + p["y"]), p
         assert len(p["y"]) >= 2 and len(set(p["y"])) == len(p["y"]), p  # values to read, none repeated
+    # the panels and the smoothed reward are plotting.py's, as the reward_curve image draws them
+    steps = comfy_server.get("/comfy_draft/history")["3"]["steps"]
+    with_data = ([k for k in keys if any(k in m for m in steps)] for keys in curve_panels(steps))
+    assert state["keys"] == [keys for keys in with_data if keys]
+    assert state["smoothed"] == pytest.approx(smoothed([m["reward"] for m in steps]), rel=1e-9)
 
     # the node's chart on screen: its bottom in view; hovering a panel shows values in uPlot's legend
     show_chart(page, "trainer_chart.png")
@@ -223,3 +232,53 @@ def test_a_workflow_saved_before_the_options_node_keeps_its_settings(page, comfy
     assert {k: queued[options_id]["inputs"].get(k) for k in want} == want
     assert queued["3"]["inputs"] == {k: v for k, v in expected["3"]["inputs"].items() if k != "options"}
     assert not [e for e in page.errors if "comfy_draft" in e], page.errors
+
+
+def test_the_text_every_node_of_the_pack_returns_is_shown_on_it(page, comfy_server, tiny_sd15, comfyui):
+    """One rule for the whole pack (the node's python_module): the text a node returns in ui.text appears on it. The
+    AIG sweep's table was left out by the hand-written list of nodes this replaced; the scores of its grid too."""
+    classes = comfyui.nodes.NODE_CLASS_MAPPINGS
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15}},
+        "2": {"class_type": "DRaFTBuiltinReward", "inputs": {"kind": "brightness"}},
+        "3": {"class_type": "DRaFTAIGSweep", "inputs": {
+            "base_model": ["1", 0], "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward": ["2", 0],
+            "prompts": "a watercolor fox", "negative_prompt": "", "schedule": "step_f", "values": "0, 1", "seeds": 2,
+            "first_seed": 5, "steps": 2, "cfg": 5.0, "width": 64, "height": 64}},
+        "4": {"class_type": "DRaFTScoreImages", "inputs": {"images": ["3", 1], "reward": ["2", 0], "prompt": ""}},
+    }
+    load_workflow(page, api_to_ui(prompt, classes, {"1": (20, 60), "2": (20, 300), "3": (400, 60), "4": (800, 60)}))
+    page.evaluate("app.queuePrompt(0, 1)")
+    shown = """() => Object.fromEntries([3, 4].map((id) => [id, app.graph.getNodeById(id).widgets
+        .find((w) => w.name === 'comfydraftdraftrewardfinetuning_text')?.inputEl.value]))"""
+    deadline = time.time() + 600
+    while time.time() < deadline and "invalid prompt" not in comfy_server.log():
+        text = page.evaluate(shown)
+        if text["3"] and text["4"]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no text on the nodes: {page.evaluate(shown)}\n{comfy_server.log()[-3000:]}")
+    table = text["3"].splitlines()
+    assert table[0] == "AIG step_f" and table[1].startswith("| f | reward |") and len(table) == 5, table
+    assert text["4"].splitlines()[0] == "brightness" and text["4"].splitlines()[-1].startswith("mean: "), text["4"]
+    textareas = page.evaluate("[...document.querySelectorAll('textarea')].filter((t) => t.offsetParent)"
+                              ".map((t) => t.value)")
+    assert text["3"] in textareas and text["4"] in textareas  # on the canvas, not only in the widget's value
+    assert not [e for e in page.errors if "comfy_draft" in e], page.errors
+
+
+def test_a_nodes_help_page_opens_in_the_frontends_help_panel(page, comfyui):
+    """The frontend's own node help: a selected node's info button (selection toolbox) opens the side panel's Info
+    tab, which fetches /extensions/<pack>/docs/<NodeName>.md, the page in web/docs/."""
+    classes = comfyui.nodes.NODE_CLASS_MAPPINGS
+    load_workflow(page, api_to_ui({"1": {"class_type": "DRaFTValidation", "inputs": {}}}, classes, {"1": (200, 200)}))
+    page.evaluate("app.canvas.selectNode(app.graph.getNodeById(1))")
+    page.locator('[data-testid="info-button"]').click()
+    help_page = (REPO / "web" / "docs" / "DRaFTValidation.md").read_text()
+    first_sentence = help_page.split("\n\n")[1].replace("\n", " ").split(". ")[0]  # below the title
+    first_sentence = first_sentence.replace("**", "").replace("`", "")  # as rendered: no Markdown marks
+    expect(page.get_by_text(first_sentence)).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("heading", name="Memory and time")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "node_help_panel.png"))

@@ -1,12 +1,30 @@
-"""What the canvas shows of the pack's nodes: a tooltip on every input, and a trainer with few widgets whose
-advanced settings live on the DRaFT Training Options node."""
+"""What the canvas shows of the pack's nodes: a tooltip on every input, a help page for every node, and a trainer
+with few widgets whose advanced settings live on the DRaFT Training Options node."""
 import sys
 
-from ui_workflows import training_options, widget_names
+from ui_workflows import REPO, output_names, training_options, widget_names
+
+# The frontend's node help panel reads /extensions/<pack>/docs/<NodeName>.md: web/docs/ here.
+HELP = REPO / "web" / "docs"
+HELP_SECTIONS = ["## When to use it", "## Inputs", "## Outputs", "## Memory and time", "## Example", "## More"]
 
 
 def pack_nodes(comfyui):
     return sys.modules[comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].__module__].NODE_CLASS_MAPPINGS
+
+
+def test_every_node_has_a_help_page_naming_its_inputs_and_outputs(comfyui):
+    nodes = pack_nodes(comfyui)
+    titles = sys.modules[nodes["DRaFTTrainLoRA"].__module__].NODE_DISPLAY_NAME_MAPPINGS
+    assert sorted(p.stem for p in HELP.glob("*.md")) == sorted(nodes)  # one page per node, none for a node gone
+    for name, cls in nodes.items():
+        text = (HELP / f"{name}.md").read_text()
+        assert text.startswith(f"# {titles[name]}\n"), name
+        assert [s for s in HELP_SECTIONS if s not in text] == [], name
+        spec = cls.INPUT_TYPES()
+        inputs = [k for group in ("required", "optional") for k in spec.get(group, {})]
+        missing = [k for k in inputs + output_names(cls) if f"`{k}`" not in text]
+        assert not missing, f"{name}.md does not name {missing}"
 
 
 def test_every_input_of_every_node_has_a_tooltip(comfyui):

@@ -76,7 +76,7 @@ function curvePanels(steps) {
     ["reward", ["reward", "val_reward"]],
     ["judges (held-out)", val.filter((k) => k !== "val_reward" && !k.includes("diversity"))],
     ["diversity (held-out)", val.filter((k) => k.includes("diversity"))],
-    ["gradient norm / KL", steps.some((m) => m.kl) ? ["grad_norm", "kl"] : ["grad_norm"]],
+    ["gradient norm / KL", ["grad_norm", ...["kl", "policy_shift"].filter((k) => steps.some((m) => m[k]))]],
   ];
 }
 
