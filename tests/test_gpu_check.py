@@ -1,6 +1,7 @@
 """Fast checks of the one-call GPU check (bench/gpu_check.py) and its bundle (scripts/gpu_bundle.py). The whole
-flow is `bench/gpu_check.py --dry-run` (about 2 minutes on 2 cores, so it is not part of the suite)."""
+flow is `bench/gpu_check.py --dry-run` (minutes on 2 cores, so it is not part of the suite)."""
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -99,13 +100,16 @@ def test_prompts_pass_comfyuis_validation_with_the_nodes_as_they_are(comfyui, ti
 
     required = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"].INPUT_TYPES()["required"]
 
-    class ObjectInfo:  # what GET /object_info/DRaFTTrainLoRA answers
+    class ObjectInfo:  # what GET /object_info/<node> answers
         def get(self, path):
-            return {"DRaFTTrainLoRA": {"input": {"required": required}}}
+            name = path.rsplit("/", 1)[-1]
+            return {name: {"input": comfyui.nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()}}
 
-    prompts = [gpu_check.train_prompt(ObjectInfo(), tiny_sd15, 64, 4, "validation"),
-               gpu_check.lora_prompt(tiny_sd15, "gpu_check/validation_only.safetensors", 64, 4, "validation")]
-    assert set(prompts[0]["3"]["inputs"]) == set(required)
+    prompts = [gpu_check.train_prompt(ObjectInfo(), tiny_sd15, 64, 4, "validation", precision=precision)
+               for precision in ("fp16", "bf16")]
+    prompts.append(gpu_check.lora_prompt(tiny_sd15, "gpu_check/validation_only.safetensors", 64, 4, "validation"))
+    assert set(prompts[0]["3"]["inputs"]) == set(required) | {"options"}
+    assert prompts[1]["4"]["inputs"]["precision"] == "bf16"
     for prompt in prompts:
         valid = comfyui.loop.run_until_complete(comfyui._execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         assert valid[0], valid[1:]
@@ -128,3 +132,61 @@ def test_cuda_peak_is_compared_with_the_cpu_accounting_of_the_configuration_it_r
         row = next(r for r in rows if r["model"] == name and r["config"] == config)
         ratio = results["models"][name]["variants"]["draft-lv (n=2)"]["accounting_ratio"]
         assert abs(ratio - 5e9 / row["total"]) < 1e-9 and f"**{ratio:.3f}**" in lines
+
+
+def run_check(tmp_path, *args, **env):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--work", str(tmp_path / "work"),
+                           *args], env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+    return proc, json.loads((out / "gpu_check.json").read_text())
+
+
+def test_a_failing_phase_still_writes_the_json_with_its_traceback(tmp_path):
+    """An injected failure (GPU_CHECK_FAIL_AT) in the phase that imports torch: the JSON under $OUT says which
+    phase failed, with the traceback, and that every later one was skipped; the exit status is 1."""
+    proc, result = run_check(tmp_path, "--dry-run", "--no-bundle", OUT=str(tmp_path / "out"),
+                             GPU_CHECK_FAIL_AT="imports")
+    assert proc.returncode == 1, proc.stderr
+    phases = result["phases"]
+    assert phases["install"]["status"] == "ok", phases["install"]
+    assert phases["imports"]["status"] == "failed" and "injected failure" in phases["imports"]["traceback"]
+    assert all(p["status"].startswith("skipped: needs") for name, p in phases.items()
+               if name not in ("install", "imports"))
+    assert result["phases_reached"] == ["install", "imports"]
+    assert result["failures"] == ["imports: RuntimeError: injected failure in phase 'imports' (--fail-at / "
+                                  "GPU_CHECK_FAIL_AT)"]
+    assert (tmp_path / "out" / "gpu_check.md").exists()
+
+
+def test_a_missing_wheel_fails_the_install_phase_with_its_traceback(tmp_path):
+    """The device's setup failing for real (a bundle whose wheel is missing, as pip reports it), before torch is
+    imported: the JSON still comes back with pip's error."""
+    bundle = tmp_path / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    (bundle / "manifest.json").write_text(json.dumps({"pins": [], "device_packages": []}))
+    (bundle / "wheels" / "diffusers-0.42.1-py3-none-any.whl").write_bytes(b"not a wheel")
+    proc, result = run_check(tmp_path, "--bundle", str(bundle), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    install = result["phases"]["install"]
+    assert install["status"] == "failed" and "Traceback" in install["traceback"], install
+    assert result["phases"]["imports"]["status"] == "skipped: needs install"
+
+
+def test_carried_wheels_requirements_are_checked_against_the_devices_versions(tmp_path):
+    import zipfile
+
+    def wheel(name, version, *requires):
+        path = tmp_path / f"{name}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(f"{name}-{version}.dist-info/METADATA", "\n".join(
+                ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+                + [f"Requires-Dist: {r}" for r in requires]) + "\n")
+        return path
+    wheels = [wheel("good", "1.0", "torch>=2.5", "timm>=1.0", "extra-only; extra == 'dev'",
+                    "old-python; python_version < '3.10'"),
+              wheel("bad", "1.0", "huggingface-hub>=2.0", "nowhere")]
+    versions = {"torch": "2.11.0", "huggingface-hub": "1.33.0"}
+    problems, notes = gpu_check.check_requirements(wheels, versions.get, present={"timm"})
+    assert problems == ["bad requires huggingface-hub>=2.0: the device / the bundle has huggingface-hub 1.33.0",
+                        "bad requires nowhere: neither carried nor on the device"]
+    assert notes == ["good: timm>=1.0 (on the device, version not listed)"]
