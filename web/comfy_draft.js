@@ -300,6 +300,7 @@ const chartOf = (id) => (app.graph.getNodeById(Number(id)) ?? app.graph.getNodeB
 // Names under the pack's namespace: its DisplayName ("comfy-draft: DRaFT reward fine-tuning" in pyproject.toml),
 // lowercased to letters and digits.
 const TEXT_WIDGET = "comfydraftdraftrewardfinetuning_text";
+const CHART_WIDGET = "comfydraftdraftrewardfinetuning_chart";
 
 app.registerExtension({
   name: "comfydraftdraftrewardfinetuning.canvas",
@@ -335,11 +336,13 @@ app.registerExtension({
         onNodeCreated?.apply(this, arguments);
         this.draftChart = new TrainingChart(this);
         const content = this.draftChart.content;
-        this.addDOMWidget("training_chart", "comfydraftdraftrewardfinetuning.chart", this.draftChart.element, {
+        const element = this.draftChart.element;
+        const chart = this.addDOMWidget(CHART_WIDGET, "comfydraftdraftrewardfinetuning.chart", element, {
           serialize: false,
           margin: 4,
           getMinHeight: () => Math.max(40, content.offsetHeight) + 2 * 4,  // the widget's margins inside
         });
+        chart.label = "training chart";
         this.setSize(this.computeSize());
         // After a reload or when the workflow is reopened: the run's steps so far. Fetched after this
         // synchronous node creation, when a loaded workflow has given the node its id.
