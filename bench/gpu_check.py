@@ -60,7 +60,7 @@ GPU = dict(models={"sd15_fp16": {"checkpoint": "sd15", "resolution": 512},
            runs={"sd15_fp16": "fp16", "sdxl_bf16": "bf16"}, checkpoints=("sd15", "sdxl"),
            training_steps=3, sampling_steps=10, offload={"resolution": 512, "sampling_steps": 3}, budget_s=420,
            phase_budgets=dict(install=40, imports=40, installed_constraints=10, models=90, server=60, sd15_fp16=45,
-                              sdxl_bf16=90, offload=45, speed=420),
+                              sdxl_bf16=90, offload=45, speed=300),
            speed_args='--models sd15 sdxl --variants "draft-lv (n=2)" --steps 20 --warmup 1 --repeats 1 '
                       '--sampling-repeats 1')
 # The dry run: the tests' tiny SD1.5 checkpoint for both runs (fp16 with loss scaling, then bf16) at 64 x 64.
@@ -683,6 +683,12 @@ def main(argv=None):
     fail_at = args.fail_at + [f for f in os.environ.get("GPU_CHECK_FAIL_AT", "").split(",") if f]
     t0 = time.time()
     out = args.out or default_out(args.dry_run, args.work)
+    b = cfg["phase_budgets"]
+    if args.budget is None and args.speed_only:  # the setup phases and speed.py
+        args.budget = sum(b.get(n, 0) for n in ("bundle", "bundle_constraints", "install", "imports",
+                                                 "installed_constraints", "speed"))
+    elif args.budget is None and args.speed:
+        args.budget = cfg["budget_s"] + b["speed"]
     results = {"mode": "dry run, CPU, tiny models" if args.dry_run else "CUDA, real sizes", "started": t0,
                "argv": sys.argv[1:] if argv is None else list(argv), "versions": {"python": sys.version.split()[0]},
                "budget_s": args.budget or cfg["budget_s"]}
