@@ -78,9 +78,6 @@ DEVICE_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "huggingface-hub
                    "safetensors": "0.8.0", "numpy": "2.5.2", "tokenizers": "0.23.2", "torchvision": "0.26.0",
                    "torchaudio": "2.11.0", "sentencepiece": "0.2.2", "triton": "3.6.0", "jaxtyping": "0.3.11",
                    "onnx": "1.23.1", "sentence-transformers": "6.0.1", "tiktoken": "0.14.0"}
-# Carried besides scripts/gpu_bundle.py's CARRIED: requirements of carried wheels the device lacks, found by the
-# dry run's check of their Requires-Dist.
-EXTRA_CARRIED = {"lazy-importer": "importlib-metadata >= 10 (diffusers)"}
 OFFLOAD_RTOL = 1e-3  # offloaded vs full-load LoRA gradient: max |difference| <= this x max |gradient| (fp32)
 # Python 3.12 wheels installed from another Python (the dry run): tags to accept.
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64"]
@@ -452,7 +449,7 @@ def build_bundle(dest):
     how = gb.plan(gb.comfy_requirements())
     pins, files = [], []
     import importlib.metadata
-    for name in [*gb.CARRIED, *EXTRA_CARRIED]:
+    for name in gb.CARRIED:
         version = importlib.metadata.version(name)
         pins.append(f"{name}=={version}")
         pattern = f"{re.sub(r'[-.]+', '_', name)}-{version}{'+slim' if name == 'comfy-kitchen' else ''}-*.whl"
@@ -480,9 +477,8 @@ def build_bundle(dest):
     gb.write_stubs(dest / "stubs")
     sizes = {f.name: f.stat().st_size for f in sorted((dest / "wheels").iterdir())}
     sizes["ComfyUI.tar.gz"] = tarball.stat().st_size
-    manifest = {"pins": pins, "wheels": sorted(f.name for f in files), "extra_carried": EXTRA_CARRIED,
-                "stubs": gb.STUBBED, "comfyui_requirements": how,
-                "device_packages": sorted({gb.norm(n) for n in gb.DEVICE_PACKAGES}), "sizes": sizes}
+    manifest = {"pins": pins, "wheels": sorted(f.name for f in files), "stubs": gb.STUBBED,
+                "comfyui_requirements": how, "device_packages": sorted({gb.norm(n) for n in gb.DEVICE_PACKAGES}), "sizes": sizes}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
     total, repo = gb.folder_size(dest), gb.repo_travel_size()
     result = {"seconds": round(time.time() - started, 1), "bundle_mib": round(gb.mib(total), 2),

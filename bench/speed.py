@@ -159,7 +159,7 @@ def unit_round(trainer, args, device):
     def decode():
         z = torch.randn(shape, device=device, requires_grad=True)
         with trainer.autocast():
-            images = backend.decode(z, checkpoint=False)
+            images = backend.decode(z, recompute=False)
         images.backward(torch.randn_like(images))
 
     def score():

@@ -60,6 +60,7 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 # Wheels to carry (distribution name: why).
 CARRIED = {
     "diffusers": "the pack (pyproject)", "importlib-metadata": "diffusers",
+    "lazy-importer": "importlib-metadata >= 10 (found by the dry run's Requires-Dist check)",
     "open-clip-torch": "the pack: CLIP rewards", "ftfy": "open_clip", "wcwidth": "ftfy",
     "comfy-aimdo": "ComfyUI: DynamicVRAM", "comfy-kitchen": "ComfyUI: imported by comfy.model_base (kernels removed)",
     "torchsde": "ComfyUI: k-diffusion samplers", "trampoline": "torchsde",
