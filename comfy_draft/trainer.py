@@ -36,6 +36,7 @@ DRAFT_VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")  # differ
 VARIANTS = DRAFT_VARIANTS + policy.VARIANTS
 MAX_SKIPPED = 20          # fp16 overflows in a row before training stops (the scale then fell by 2^20)
 ZERO_GRADIENT_STEPS = 3   # steps without any gradient before the trainer warns
+RENAMED = {"checkpointing": "gradient_checkpointing"}  # TrainConfig fields of 0.1, for its training states
 
 
 @dataclasses.dataclass
@@ -463,7 +464,7 @@ class Trainer:
         if processes != self.processes:  # the samples of a step depend on the number of processes
             raise ValueError(f"{path} was written by a run with {processes} process(es); resume it with the same "
                              f"number (torchrun --nproc_per_node {processes}), not {self.processes}")
-        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "save_every")}
+        saved = {RENAMED.get(k, k): v for k, v in state["config"].items() if k not in ("steps", "save_every")}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("steps", "save_every")}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])

@@ -114,7 +114,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
         if metrics["step"] == 2:
             raise KeyboardInterrupt
 
-    ckpt = tmp_path / "run.ckpt"
+    ckpt = tmp_path / "run.state.pt"
     first = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop"), [interrupt_at_2], ckpt)
     with pytest.raises(KeyboardInterrupt):
         first.train()
@@ -128,6 +128,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
         torch.testing.assert_close(resumed.loras[name].down, full.loras[name].down, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="different configuration.*lr"):
         Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, lr=0.5, variant="alignprop")).load_state(ckpt)
+    # a state written by 0.1, which called the gradient checkpointing setting `checkpointing`, resumes too
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["checkpointing"] = state["config"].pop("gradient_checkpointing")
+    torch.save(state, tmp_path / "old.ckpt")
+    old = Trainer(tiny_pixel_backend(tmp_path), reward, config(steps=4, variant="alignprop")).load_state(tmp_path / "old.ckpt")
+    assert old.step == 4
 
 
 def test_bf16_autocast_step(tmp_path):
