@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from tolerance import float32_atol
+
 from comfy_draft import rewards
 from comfy_draft.rewards.files import RewardFileError
 
@@ -141,7 +143,10 @@ def test_published_layout_loads_and_matches_reference(imagereward_files):
         ours, ref = reward(images, prompts), reference_scores(sd, images, prompts)
     print("ImageReward (tiny random):", ours.tolist(), "reference:", ref.tolist())
     assert ref.std() > 1e-3  # the scores depend on the inputs
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    # float32 (the reward casts its head's input to float32): transformers' BLIP and the plain ops above sum in
+    # different orders. Tolerance (tests/tolerance.py): the widest reduction (the head's 1024), k = 16 for the depth
+    # of two towers and the head: 1.4e-5 here; measured 0 (9e-8 with AVX2 kernels); swapped prompts move it by 3e-3.
+    torch.testing.assert_close(ours, ref, rtol=0, atol=float32_atol(ref.abs().max(), reduction=1024, k=16))
     swapped = reward(images, prompts[::-1])  # the prompt matters
     assert not torch.allclose(swapped, ours)
 

@@ -56,7 +56,8 @@ def test_transforms_match_independent_references():
     shifted = apply_transforms(images, {"shift_x": 2 / 24 * ones, "shift_y": 0 * ones})
     torch.testing.assert_close(shifted[..., 2:], images[..., :-2], atol=1e-12, rtol=0)
     # blur: torchvision's Gaussian blur (reflect padding) with the same sigma and kernel size
-    sigma = torch.tensor([0.8, 1.3], dtype=torch.float64)  # sigmas in pixels at this size (max(1, 20 / 256) = 1 px per unit)
+    # sigmas in pixels at this size (max(1, 20 / 256) = 1 px per unit)
+    sigma = torch.tensor([0.8, 1.3], dtype=torch.float64)
     blurred = apply_transforms(images, {"blur": sigma})
     for i in range(2):
         size = 2 * max(1, int(torch.ceil(3 * sigma.max()))) + 1

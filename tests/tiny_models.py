@@ -71,6 +71,32 @@ def tiny_sd15_checkpoint(seed=0):
     return path
 
 
+# SD's VAE decoder layout at a quarter of its width (ch 32: 32-64-128-128 channels, still multiples of GroupNorm's
+# 32 groups). ComfyUI reads a decoder's width from the file (comfy.sd.VAE: decoder.conv_in's 4 * ch outputs) and
+# builds an SD VAE with that decoder, so the file loads like any SD1.5 checkpoint with a decoder 16x cheaper per
+# pixel. For the half-precision tests: bf16/fp16 convolutions are emulated on CPUs without AVX-512 (CI's AMD EPYC),
+# and what those tests prove is the dtype handling, not the decoder's arithmetic.
+SMALL_DECODER_CH = 32
+
+
+def tiny_sd15_small_decoder_checkpoint(seed=0):
+    """`tiny_sd15_checkpoint(seed)` with the VAE decoder replaced by a seeded one of width SMALL_DECODER_CH (the
+    UNet, CLIP-L and the VAE encoder are the same tensors)."""
+    path = CACHE / f"tiny_sd15_seed{seed}_decoder{SMALL_DECODER_CH}.safetensors"
+    if not path.exists():
+        from comfy.ldm.modules.diffusionmodules.model import Decoder
+        from safetensors.torch import load_file, save_file
+
+        prefix = "first_stage_model.decoder."
+        sd = {k: v for k, v in load_file(str(tiny_sd15_checkpoint(seed))).items() if not k.startswith(prefix)}
+        decoder = reinit_(Decoder(**dict(SD_VAE, ch=SMALL_DECODER_CH)), torch.Generator().manual_seed(seed + 1))
+        sd.update({prefix + k: v.detach().to(torch.float16).contiguous() for k, v in decoder.state_dict().items()})
+        tmp = path.with_suffix(".tmp")
+        save_file(sd, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
 # SDXL's UNet layout at a tiny size: ldm module names, linear transformer projections, context 2048
 # and the 2816-wide ADM input (pooled bigG text + six size embeddings). Too small for ComfyUI's file
 # detection to call it SDXL, so `tiny_sdxl` builds it with ComfyUI's own SDXL model class instead.

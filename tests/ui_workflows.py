@@ -119,7 +119,7 @@ def sampling_nodes(first, model, clip, vae, seed=1, prompt="a lighthouse at dusk
 def training_options(**overrides):
     """A DRaFT Training Options node with the trainer's defaults, some overridden."""
     return {"class_type": "DRaFTTrainingOptions", "inputs": {
-        "precision": "auto", "accumulation": 1, "checkpointing": "auto", "lv_samples": 2, "k": 1, "kl_coef": 0.0,
+        "precision": "auto", "accumulation": 1, "gradient_checkpointing": "auto", "lv_samples": 2, "k": 1, "kl_coef": 0.0,
         "reward_resolution": 0, "save_every": 0, **overrides}}
 
 
