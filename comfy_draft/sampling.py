@@ -68,7 +68,7 @@ def denoise_renoised(model, x0, sigma, noises, extra_args=None, recompute=True, 
     sampling sigma, x_i = stop_grad(x0) + sigma * eps_i, and denoise it once with gradient.
 
     Returns the n predictions x0_hat_i; DRaFT-LV sums their rewards. `batched`: the n copies as one model call of
-    n x batch (faster; as much memory as n calls without checkpointing, n times one call's recompute with it).
+    n x batch (faster; as much memory as n calls without gradient checkpointing, n times one call's recompute with it).
     """
     extra_args = {} if extra_args is None else extra_args
     x0 = x0.detach()
