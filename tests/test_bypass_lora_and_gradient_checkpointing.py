@@ -234,7 +234,9 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
     from comfy_draft.trainer import Trainer
     trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
                       config(width=32, height=32, batch_size=2, lv_samples=2))
-    assert trainer.config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing is True  # CPU: no device budget
+    assert trainer.gradient_checkpointing is None  # chosen once, before the first step (no property runs passes)
+    assert trainer.config.gradient_checkpointing == "auto"
+    assert trainer.choose_gradient_checkpointing() is True and trainer.gradient_checkpointing is True  # CPU: no budget
     probed = memory.probe(trainer)
     off, on = (memory.estimate(trainer, c, probed)["total"] for c in (False, True))
     assert on < off
