@@ -3,6 +3,7 @@ import pytest
 import torch
 from comfyui_harness import PromptError
 from safetensors.torch import load_file
+from tolerance import assert_close_float32
 
 
 def sampling_prompt(ckpt, steps, cfg=7.5, seed=42, batch=2, size=64, prediction=None):
@@ -112,7 +113,10 @@ def test_gradient_through_comfyui_guider(comfyui, tiny_sd15, checkpoint):
         finally:
             weight.requires_grad_(False)
     assert graphs[0] is None and graphs[1] is not None
-    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-5)
+    # The last step with autograd on may take other float32 kernels than without (measured equal here, but the old
+    # atol 1e-5 was one ulp of the largest value, 110): tests/tolerance.py's bound for the UNet's widest reduction
+    # (320 channels x 3 x 3), k = 8. A forward that differed for real (another sigma, cond or model) is off by > 1.
+    assert_close_float32(out1, out0, reduction=320 * 9, k=8)
     assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
 
 

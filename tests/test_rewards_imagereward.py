@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-
 from tolerance import float32_atol
 
 from comfy_draft import rewards
