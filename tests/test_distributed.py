@@ -51,7 +51,7 @@ def interrupt_train(processes, *args, after):
 
 def trained(out):
     """The last LoRA (float32, from the training state), the saved file's LoRA and the log."""
-    state = torch.load(f"{out}.state.pt", weights_only=True)
+    state = torch.load(os.path.splitext(out)[0] + ".state.pt", weights_only=True)
     from comfy_draft.lora import load_kohya_file
     log = [json.loads(line) for line in open(os.path.splitext(out)[0] + ".jsonl")]
     return state, load_kohya_file(out), log
@@ -108,7 +108,7 @@ def test_two_processes_train_the_lora_of_one_process_with_twice_the_accumulation
     # Ctrl-C during a 2-process run (after its first step; up to 30), then resumed to 4: the uninterrupted LoRA.
     part = tmp_path / "part.safetensors"
     _, err = interrupt_train(2, "--steps", "30", "--print-every", "1", "--out", str(part), after="step 1/30")
-    stopped = torch.load(f"{part}.state.pt", weights_only=True)["step"]
+    stopped = torch.load(tmp_path / "part.state.pt", weights_only=True)["step"]
     assert 1 <= stopped < 4 and f"interrupted at step {stopped}" in err
     assert [p.name for p in tmp_path.glob("part.partial-*")] == [f"part.partial-{stopped}.safetensors"]  # rank 0
     result = run_train(2, "--steps", "4", "--resume", "--out", str(part))
