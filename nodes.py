@@ -9,10 +9,9 @@ import folder_paths
 import latent_preview
 import torch
 
-from .comfy_draft import rewards
+from .comfy_draft import plotting, rewards
 from .comfy_draft.backends import comfyui as backend
 from .comfy_draft.lora import atomic_write, load_kohya_file
-from .comfy_draft.plotting import curve_image, image_grid
 from .comfy_draft.run import RunFiles, run
 from .comfy_draft.trainer import VARIANTS, TrainConfig, Trainer, check_reward
 from .comfy_draft.validation import (FIRST_HELD_OUT_SEED, ValidationConfig, Validator, held_out_images,
@@ -322,7 +321,7 @@ def held_out_sweep(backends, count, model, reward, prompts, negative_prompt, see
     rows, images = strength_sweep(backends, reward, lines(prompts), seed_list(first_seed, seeds), negative_prompt,
                                   cfg, steps, width or size, height or size, judges)
     rows = [{row_key: r.pop("strength"), **r} for r in rows]
-    grid = torch.from_numpy(image_grid(images, len(images) // count)).float().div(255)[None]
+    grid = torch.from_numpy(plotting.image_grid(images, len(images) // count)).float().div(255)[None]
     return rows, sweep_table(rows), grid
 
 
@@ -368,9 +367,13 @@ def save_chart_history():
 CHART_HISTORY = load_chart_history()
 
 
-def chart_event(metrics, node_id, total, diversity_floor):
-    """A step of the chart, as the websocket event and the replayed history carry it."""
-    return dict(metrics, node=node_id, total=total, diversity_floor=diversity_floor)
+def chart_event(history, node_id, total, diversity_floor):
+    """The chart's step for the last metrics of `history`, as the websocket event and the replayed history carry it:
+    with the smoothed reward and the panels so far (plotting.py's: the canvas draws what the reward_curve image
+    draws)."""
+    return dict(history[-1], node=node_id, total=total, diversity_floor=diversity_floor,
+                reward_smoothed=plotting.smoothed([m["reward"] for m in history])[-1],
+                panels=plotting.curve_panels(history))
 
 
 def register_chart_history_route():
@@ -493,7 +496,7 @@ def save_preview(trainer, lora_path):
     step = trainer.step if trainer.kept_step is None else trainer.kept_step  # keep-best: the kept LoRA's step
     info.add_text("comfy_draft", json.dumps({"step": step, "prompts": prompts, "seed": c.seed}))
     path = os.path.splitext(lora_path)[0] + ".png"
-    Image.fromarray(image_grid(images, len(prompts))).save(path, pnginfo=info)
+    Image.fromarray(plotting.image_grid(images, len(prompts))).save(path, pnginfo=info)
     return path
 
 
@@ -614,7 +617,7 @@ class DRaFTTrainLoRA:
         history = trainer.history
         with torch.inference_mode():
             patched = comfy.sd.load_lora_for_models(model, None, load_kohya_file(path)[0], 1.0, 0)[0]
-            curve = torch.from_numpy(curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
+            curve = torch.from_numpy(plotting.curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
         text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
                 f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
         if variant == "pgraft":
@@ -648,9 +651,10 @@ class DRaFTTrainLoRA:
                 grid = images.movedim(1, -1).flatten(0, 1) if images.shape[0] <= 4 else images[0].movedim(0, -1)
                 preview = ("JPEG", Image.fromarray((grid.cpu().numpy() * 255).round().astype("uint8")), 512)
             bar.update_absolute(step, total, preview)
-            if not chart["steps"]:
-                chart["steps"] = [chart_event(m, node_id, total, diversity_floor) for m in trainer.history[:-1]]
-            event = chart_event(metrics, node_id, total, diversity_floor)
+            if not chart["steps"]:  # a resumed run: its earlier steps first
+                chart["steps"] = [chart_event(trainer.history[:i], node_id, total, diversity_floor)
+                                  for i in range(1, len(trainer.history))]
+            event = chart_event(trainer.history, node_id, total, diversity_floor)
             chart["steps"].append(event)
             instance = server.PromptServer.instance
             instance.send_sync("comfy_draft.train_step", event, instance.client_id)

@@ -109,7 +109,7 @@ def memory_estimate(model, clip, vae, reward, res, args):
     from comfy_draft.trainer import TrainConfig, Trainer
     config = TrainConfig(prompts=PROMPTS, sampling_steps=args.steps, cfg=CFG, width=res, height=res, batch_size=1,
                          precision="bf16", variant="draft-lv", lv_samples=2, seed=SEED)
-    e = memory.estimate(Trainer(TrainingBackend(model, clip, vae), reward, config))
+    e = memory.estimate(**Trainer(TrainingBackend(model, clip, vae), reward, config).memory_inputs())
     return {**e, "resolution": res, "checkpointing": config.gradient_checkpointing}
 
 

@@ -18,9 +18,11 @@ from .sampling import recomputed
 # ComfyUI's (comfy/ldm/modules/diffusionmodules/model.py) and diffusers' VAE decoder blocks: each up-block's ResNet
 # blocks, attention and upsampler, and the mid-block's.
 DECODER_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample", "ResnetBlock2D", "Attention", "Upsample2D")
-# ComfyUI's (openaimodel.py, attention.py) and diffusers' UNet blocks.
+# ComfyUI's (openaimodel.py, attention.py) and diffusers' UNet blocks, and the transformer blocks of ComfyUI's flow
+# models (Flux: flux/layers.py, SD3: mmdit.py, Z-Image: lumina/model.py).
 UNET_BLOCKS = ("ResBlock", "SpatialTransformer", "Upsample", "Downsample",
-               "ResnetBlock2D", "Transformer2DModel", "Upsample2D", "Downsample2D")
+               "ResnetBlock2D", "Transformer2DModel", "Upsample2D", "Downsample2D",
+               "DoubleStreamBlock", "SingleStreamBlock", "JointBlock", "JointTransformerBlock")
 
 
 def blocks(root, names):
@@ -37,11 +39,18 @@ def blocks(root, names):
     return found
 
 
+def _own(value):
+    """A tensor cloned, a dict copied: what a block may change in place (Flux's blocks add to their input with `+=`;
+    ComfyUI updates transformer_options between blocks) without touching what the recompute starts from."""
+    return value.clone() if torch.is_tensor(value) else copy.copy(value) if isinstance(value, dict) else value
+
+
 def _recomputed_forward(forward, *args, **kwargs):
-    # ComfyUI updates transformer_options between blocks: the recompute must see them as the forward did.
-    args = [copy.copy(a) if isinstance(a, dict) else a for a in args]
+    def run(*args, **kwargs):  # on copies: the saved inputs stay as they were for the recompute
+        return forward(*map(_own, args), **{k: _own(v) for k, v in kwargs.items()})
+    args = [copy.copy(a) if isinstance(a, dict) else a for a in args]  # the options as they are now, not later
     kwargs = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-    return recomputed(forward, *args, **kwargs)
+    return recomputed(run, *args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -101,11 +101,16 @@ def peak_bytes(fn):
     return live.peak
 
 
-def probe(trainer):
-    """What one step's pieces hold at the probe size, for 1 and 2 images: saved bytes of one UNet call, decode and
-    reward call without recomputation, and the peak of forward + backward of one UNet call with its blocks
-    recomputed ("unet_blocks") and of one recomputed decode ("decode_recomputed")."""
-    c, backend = trainer.config, trainer.backend
+def autocast(device, dtype):
+    """The training step's autocast: `dtype` (None: float32, no autocast) on `device`."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def probe(c, backend, reward, dtype=None):
+    """What the pieces of one step of `TrainConfig` `c` hold at the probe size, for 1 and 2 images: saved bytes of one
+    UNet call, decode and reward call without recomputation, and the peak of forward + backward of one UNet call with
+    its blocks recomputed ("unet_blocks") and of one recomputed decode ("decode_recomputed"); `dtype`: the autocast
+    dtype."""
     shape = backend.latent_shape(c.batch_size, c.height, c.width)
     side = min(PROBE_LATENT, shape[-1], shape[-2])
 
@@ -113,7 +118,7 @@ def probe(trainer):
         sizes = {}
 
         def fn(model, x, sigmas):
-            with trainer.autocast():
+            with autocast(backend.device, dtype):
                 sigma = sigmas[-2] * x.new_ones(batch)
                 sizes["unet"] = saved_bytes(lambda: model(x, sigma))
                 latent = x.detach().requires_grad_(True)
@@ -121,11 +126,11 @@ def probe(trainer):
                 sizes["decode_recomputed"] = peak_bytes(
                     lambda: torch.autograd.grad(backend.decode(latent[:1], recompute=True).sum(), latent))
                 full = torch.full((batch, 3, c.height, c.width), 0.5, device=latent.device, requires_grad=True)
-                sizes["reward"] = saved_bytes(lambda: trainer.reward(full, c.prompts[:1] * batch))
+                sizes["reward"] = saved_bytes(lambda: reward(full, c.prompts[:1] * batch))
             return x
 
         def blocks(model, x, sigmas):
-            with trainer.autocast():
+            with autocast(backend.device, dtype):
                 x = x.detach().requires_grad_(True)  # gradient to the input only: the LoRA's stays untouched
                 sizes["unet_blocks"] = peak_bytes(
                     lambda: torch.autograd.grad(model(x, sigmas[-2] * x.new_ones(batch)).sum(), x))
@@ -140,11 +145,11 @@ def probe(trainer):
         return at(1), at(2), shape[-2] * shape[-1] / side ** 2
 
 
-def estimate(trainer, gradient_checkpointing=True, probed=None):
-    """{"weights", "training", "activations", "total"} in bytes for one step of `trainer` with `gradient_checkpointing`
-    (False, True or "blocks"; `probed`: a `probe(trainer)` to reuse)."""
-    c, backend = trainer.config, trainer.backend
-    one, two, area = probed or probe(trainer)
+def estimate(c, backend, reward, params, dtype=None, judges=(), gradient_checkpointing=True, probed=None):
+    """{"weights", "training", "activations", "total"} in bytes for one step of `TrainConfig` `c` that trains `params`
+    with `gradient_checkpointing` (False, True or "blocks"), validation judges `judges` held in `dtype` (the autocast
+    dtype); `probed`: the `probe` to reuse."""
+    one, two, area = probed or probe(c, backend, reward, dtype)
 
     # Per call: the weights autograd keeps; per image: activations, which grow with area.
     def cost(key, scales=True, images=c.batch_size):
@@ -159,29 +164,28 @@ def estimate(trainer, gradient_checkpointing=True, probed=None):
     else:
         expanded = rewards_per_step * (differentiated * cost("unet") + cost("decode"))
     activations = expanded + rewards_per_step * cost("reward", scales=False)
-    judges = trainer.validator.judges.values() if getattr(trainer, "validator", None) is not None else []
-    weights = tensor_bytes([*backend.modules(), trainer.reward]) + tensor_bytes(judges, trainer.dtype)
-    training = 4 * sum(p.numel() * 4 for p in trainer.params)
+    weights = tensor_bytes([*backend.modules(), reward]) + tensor_bytes(judges, dtype)
+    training = 4 * sum(p.numel() * 4 for p in params)
     return {"weights": weights, "training": training, "activations": int(activations),
             "total": int(weights + training + activations), "gradient_checkpointing": gradient_checkpointing}
 
 
-def choose_gradient_checkpointing(trainer, device_total=None):
+def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges=(), device_total=None):
     """The gradient checkpointing a step runs with: `TrainConfig.gradient_checkpointing` when it is False or "blocks"; otherwise the
     least recomputation whose estimate fits in 90% of the device's memory (`device_total` bytes, by default the
     CUDA device's), from False ("auto" only) to True to "blocks". Without a known budget (CPU) "auto" and True
     are True."""
-    forced = trainer.config.gradient_checkpointing
+    forced = c.gradient_checkpointing
     if forced is False or forced == "blocks":
         return forced
-    device = trainer.backend.device
+    device = backend.device
     if device_total is None:
         if device.type != "cuda":
             return True
         device_total = torch.cuda.mem_get_info(device)[1]
-    probed = probe(trainer)
+    probed = probe(c, backend, reward, dtype)
     for choice in ([False] if forced == "auto" else []) + [True]:
-        if estimate(trainer, choice, probed)["total"] <= 0.9 * device_total:
+        if estimate(c, backend, reward, params, dtype, judges, choice, probed)["total"] <= 0.9 * device_total:
             return choice
     return "blocks"
 

@@ -40,13 +40,14 @@ def smoothed(values, weight=0.8):
 
 
 def curve_panels(history):
-    """The metric keys of each panel: rewards, judges and diversity (when validated), gradient norm with the DRaFT+
-    KL term and DDPO's policy shift (when they are not zero)."""
+    """[title, metric keys] of each panel, as the reward_curve image and the canvas chart draw them: rewards, judges
+    and diversity (when validated), gradient norm with the DRaFT+ KL term and DDPO's policy shift (when not zero)."""
     val_keys = sorted({k for m in history for k in m if k.startswith("val_")})
-    judges = [k for k in val_keys if k != "val_reward" and "diversity" not in k]
-    diversity = [k for k in val_keys if "diversity" in k]
-    panels = [["reward", "val_reward"]] + ([judges] if judges else []) + ([diversity] if diversity else [])
-    return panels + [["grad_norm"] + [k for k in ("kl", "policy_shift") if any(m.get(k) for m in history)]]
+    panels = [["reward", ["reward", "val_reward"]],
+              ["judges (held-out)", [k for k in val_keys if k != "val_reward" and "diversity" not in k]],
+              ["diversity (held-out)", [k for k in val_keys if "diversity" in k]],
+              ["gradient norm / KL", ["grad_norm"] + [k for k in ("kl", "policy_shift") if any(m.get(k) for m in history)]]]
+    return [[title, keys] for title, keys in panels if keys]
 
 
 def curve_image(history, kept_step=None, diversity_floor=0.0, width=720, height=None):
@@ -57,10 +58,9 @@ def curve_image(history, kept_step=None, diversity_floor=0.0, width=720, height=
         return [p[0] for p in points], [p[1] for p in points]
 
     panels = curve_panels(history)
-    diversity = next((keys for keys in panels if "val_diversity" in keys), None)
     fig = figure(width, height or 150 + 170 * len(panels))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, keys in zip(axes, panels):
+    for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             xs, ys = series(key)
             if key == "reward":
@@ -69,10 +69,11 @@ def curve_image(history, kept_step=None, diversity_floor=0.0, width=720, height=
             elif xs:
                 ax.plot(xs, ys, marker="o" if key.startswith("val_") else None, markersize=4,
                         label=key.replace("val_", "held-out ").replace("_", " "))
-        if keys is diversity and diversity_floor:
+        if "val_diversity" in keys and diversity_floor:
             ax.axhline(diversity_floor, color="tab:red", linestyle="--", linewidth=1, label="diversity floor")
         if kept_step is not None:
             ax.axvline(kept_step, color="black", linestyle=":", linewidth=1, label=f"kept (step {kept_step})")
+        ax.set_ylabel(title, fontsize="small")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
     axes[0].set_title("DRaFT training")

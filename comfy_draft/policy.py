@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .guidance import Mixed, lora_toggled
-from .sampling import sample_ddim
+from .sampling import noised, sample_ddim
 
 VARIANTS = ("ddpo", "graft", "pgraft")
 
@@ -151,30 +151,34 @@ def sample_switched(model, x, sigmas, loras, switch_step, callback=None):
     return sample_ddim(Mixed(*lora_toggled(model, loras), sigmas, weights), x, sigmas, callback=callback)
 
 
-def shaped_denoising_loss(model, x_t, sigma_t, sigma, noise):
+def shaped_denoising_loss(model, x_t, sigma_t, sigma, noise, noised=noised):
     """Denoising score matching from accepted intermediate latents x_t (at sigma_t) to a higher noise level sigma.
 
-    In sigma space the forward process is variance exploding, so for sigma > sigma_t
-        x_s = x_t + delta * eps,  delta = sqrt(sigma^2 - sigma_t^2),  eps ~ N(0, I),
-    and the score of the accepted x_t's noised marginal is E[(x_t - x_s) / delta^2 | x_s] (Vincent 2011). The
-    model's score is (x0_hat(x_s, sigma) - x_s) / sigma^2; matching the two in L2, weighted by delta^2 so that the
+    The model's forward process is x = a x0 + b eps (`noised`: a = 1, b = sigma for eps/v models in sigma space;
+    a = 1 - sigma, b = sigma for flow models). From x_t it continues as
+        x_s = r x_t + delta * eps,  r = a / a_t,  delta = sqrt(b^2 - r^2 b_t^2),  eps ~ N(0, I),
+    and the score of the accepted x_t's noised marginal is E[(r x_t - x_s) / delta^2 | x_s] (Vincent 2011). The
+    model's score is (a x0_hat(x_s, sigma) - x_s) / b^2; matching the two in L2, weighted by delta^2 so that the
     target has unit variance, gives
 
-        loss = E || (delta / sigma^2) * (x_s - x0_hat(x_s, sigma)) - eps ||^2
-             = E || (delta / sigma) * eps_hat(x_s, sigma) - eps ||^2,
+        loss = E || (delta / b^2) * (x_s - a x0_hat(x_s, sigma)) - eps ||^2
 
-    whose minimiser is the score of the accepted distribution at every sigma > sigma_t (what the LoRA needs to
-    sample x_t from it). With sigma_t = 0 (GRAFT) it is the ordinary eps-prediction loss ||eps_hat - eps||^2. At
-    sigma = sigma_t the target is undefined, so P-GRAFT trains at sigmas strictly above sigma_t.
+    (for eps models E || (delta / sigma) * eps_hat(x_s, sigma) - eps ||^2), whose minimiser is the score of the
+    accepted distribution at every sigma > sigma_t (what the LoRA needs to sample x_t from it). With sigma_t = 0
+    (GRAFT) it is the ordinary denoising loss (eps models: ||eps_hat - eps||^2). At sigma = sigma_t the target is
+    undefined, so P-GRAFT trains at sigmas strictly above sigma_t.
 
     sigma: (B,) noise levels, all > sigma_t; noise: eps, like x_t. Returns the mean over elements (float32).
     """
-    view = (-1,) + (1,) * (x_t.ndim - 1)
-    s = sigma.float().view(view)
-    delta = (s ** 2 - float(sigma_t) ** 2).sqrt()
-    x_s = x_t.float() + delta * noise.float()
+    one = torch.ones((len(sigma),) + (1,) * (x_t.ndim - 1))
+    s, s_t = sigma.float().cpu(), torch.full_like(sigma, float(sigma_t), dtype=torch.float32, device="cpu")
+    a, b = noised(one, s, 0 * one), noised(0 * one, s, one)
+    a_t, b_t = noised(one, s_t, 0 * one), noised(0 * one, s_t, one)
+    a, b, r = a.to(x_t.device), b.to(x_t.device), (a / a_t).to(x_t.device)
+    delta = (b ** 2 - (r * b_t.to(x_t.device)) ** 2).sqrt()
+    x_s = r * x_t.float() + delta * noise.float()
     x0_hat = model(x_s.to(x_t.dtype), sigma.to(x_t.dtype))
-    return ((delta / s ** 2) * (x_s - x0_hat.float()) - noise.float()).square().mean()
+    return ((delta / b ** 2) * (x_s - a * x0_hat.float()) - noise.float()).square().mean()
 
 
 # ----- the trainer's micro-batch for these variants ------------------------------------------------------------
@@ -294,7 +298,7 @@ def graft_update(trainer, round_, g):
     def fn(model, x, sigmas):
         with trainer.autocast():
             loss = shaped_denoising_loss(model, x_t, round_["sigma_t"], sigmas[picks.to(sigmas.device)],
-                                         noise.to(x_t.device))
+                                         noise.to(x_t.device), backend.noised)
         trainer.scaler.scale(loss / c.accumulation).backward()
         out["loss"] = loss.detach().float()
         return x

@@ -1,7 +1,8 @@
 """Differentiable DDIM (eta = 0) in the sigma parameterisation, with DRaFT's gradient truncation.
 
 Shaped like k-diffusion's samplers: a "model" is any callable `model(x, sigma, **extra_args) -> x0_hat`
-(classifier-free guidance included), with `x = x0 + sigma * eps` and `sigma` of shape (batch,). The
+(classifier-free guidance included), with `x = x0 + sigma * eps` (flow models: `(1 - sigma) x0 + sigma * eps`, for
+which the DDIM step is the Euler step of the flow's ODE) and `sigma` of shape (batch,). The
 sampler knows nothing of UNets, prompts or ComfyUI; `comfy.samplers.KSAMPLER(sample_ddim)` runs it
 inside ComfyUI's CFGGuider, and `backends.diffusers` wraps a diffusers UNet as such a model.
 
@@ -63,9 +64,17 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def denoise_renoised(model, x0, sigma, noises, extra_args=None, recompute=True, batched=False):
+def noised(x0, sigma, eps):
+    """x0 at noise level `sigma` (a number, or one per sample) with unit noise `eps`, as eps and v models are noised
+    in the sigma parameterisation: x0 + sigma * eps. (A flow model's backend has its own: (1 - sigma) x0 + sigma eps.)"""
+    if sigma.ndim:
+        sigma = sigma.reshape(-1, *[1] * (eps.ndim - 1))
+    return x0 + sigma * eps
+
+
+def denoise_renoised(model, x0, sigma, noises, extra_args=None, recompute=True, batched=False, noised=noised):
     """DRaFT-LV's inner loop: for each eps_i in `noises`, re-noise the final latent to the last
-    sampling sigma, x_i = stop_grad(x0) + sigma * eps_i, and denoise it once with gradient.
+    sampling sigma, x_i = noised(stop_grad(x0), sigma, eps_i), and denoise it once with gradient.
 
     Returns the n predictions x0_hat_i; DRaFT-LV sums their rewards. `batched`: the n copies as one model call of
     n x batch (faster; as much memory as n calls without gradient checkpointing, n times one call's recompute with it).
@@ -73,9 +82,9 @@ def denoise_renoised(model, x0, sigma, noises, extra_args=None, recompute=True, 
     extra_args = {} if extra_args is None else extra_args
     x0 = x0.detach()
     if batched:
-        x = torch.cat([x0 + sigma * eps for eps in noises])
+        x = torch.cat([noised(x0, sigma, eps) for eps in noises])
         return list(denoise(model, x, sigma, extra_args, recompute).chunk(len(noises)))
-    return [denoise(model, x0 + sigma * eps, sigma, extra_args, recompute) for eps in noises]
+    return [denoise(model, noised(x0, sigma, eps), sigma, extra_args, recompute) for eps in noises]
 
 
 def denoise(model, x, sigma, extra_args, recompute=False):

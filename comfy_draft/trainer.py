@@ -17,7 +17,6 @@ and, without reward gradients (any reward; `policy`):
   graft      rejection sampling: the top K of N samples per prompt, denoising loss on them (Anil et al.)
   pgraft     GRAFT at an intermediate step t: the LoRA learns the chain above t, the base model finishes
 """
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -30,7 +29,7 @@ import torch
 from . import distributed, memory, policy
 from .lora import atomic_write, digest
 from .rewards.robust import seeded
-from .sampling import check_grad_steps, denoise_renoised, sample_ddim
+from .sampling import check_grad_steps, denoise_renoised, noised, sample_ddim
 
 DRAFT_VARIANTS = ("draft", "draft-k", "draft-lv", "alignprop", "refl")  # differentiate the reward
 VARIANTS = DRAFT_VARIANTS + policy.VARIANTS
@@ -169,10 +168,11 @@ def cast_copy(module, device, dtype=None):
     return copy.deepcopy(module, memo)
 
 
-def differentiable_samples(model, x, sigmas, config, g, batched=False):
+def differentiable_samples(model, x, sigmas, config, g, batched=False, noised=noised):
     """The variant's final predictions x0, each differentiable in the LoRA weights, and the
     differentiated model calls as (input, sigma, prediction) for the regulariser. (The backend recomputes
-    the model calls: `Backend.run`.) `batched`: DRaFT-LV's n copies in one model call."""
+    the model calls: `Backend.run`.) `batched`: DRaFT-LV's n copies in one model call; `noised`: the model's forward
+    process (`Backend.noised`)."""
     steps = len(sigmas) - 1
     k = {"draft": steps, "draft-k": config.grad_steps}.get(config.variant, 1)
     if config.variant == "alignprop":
@@ -185,8 +185,8 @@ def differentiable_samples(model, x, sigmas, config, g, batched=False):
         with torch.no_grad():
             x0 = sample_ddim(model, x, sigmas)
         noises = [torch.randn(x0.shape, generator=g).to(x0) for _ in range(config.lv_samples)]
-        x0s = denoise_renoised(model, x0, sigmas[-2], noises, recompute=False, batched=batched)
-        return x0s, [(x0 + sigmas[-2] * eps, sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
+        x0s = denoise_renoised(model, x0, sigmas[-2], noises, recompute=False, batched=batched, noised=noised)
+        return x0s, [(noised(x0, sigmas[-2], eps), sigmas[-2], pred) for eps, pred in zip(noises, x0s)]
     calls = []
 
     def record(d):
@@ -198,7 +198,8 @@ def differentiable_samples(model, x, sigmas, config, g, batched=False):
 
 def base_model_penalty(model, calls, loras):
     """Mean ||eps_LoRA - eps_base||^2 over differentiated calls; the base prediction at the same input
-    is computed without gradient and with the LoRA disabled (DRaFT+'s KL term for Gaussian steps)."""
+    is computed without gradient and with the LoRA disabled (DRaFT+'s KL term for Gaussian steps). On a flow model
+    (x0_LoRA - x0_base) / sigma is the difference of the velocities, the drift of its Euler step."""
     terms = []
     for x, sigma, prediction in calls:
         with torch.no_grad(), loras.disabled():
@@ -225,6 +226,10 @@ class Trainer:
     def __init__(self, backend, reward, config, callbacks=(), state_path=None, validator=None):
         config.check()
         check_reward(reward, config)
+        if config.variant == "ddpo" and backend.flow:
+            raise ValueError("DDPO needs a stochastic sampling step with a log-probability, which flow models do not "
+                             "have here; train a flow model with draft, draft-k, draft-lv, refl, alignprop, graft or "
+                             "pgraft")
         self.backend, self.reward, self.config = backend, reward, config
         self.validator = validator
         self.kept_step = None  # the step of the LoRA left by `train` (the best validated one, or the last)
@@ -261,7 +266,7 @@ class Trainer:
         def fn(model, x, sigmas):
             # EOT rewards draw this micro-batch's transformations from its seed (rewards.robust)
             with self.autocast(), seeded(self.reward, g.initial_seed()):
-                x0s, calls = differentiable_samples(model, x, sigmas, c, g, batched=self.batches_copies)
+                x0s, calls = differentiable_samples(model, x, sigmas, c, g, self.batches_copies, self.backend.noised)
                 images = [self.backend.decode(self.for_reward(x0), bool(self.gradient_checkpointing)) for x0 in x0s]
                 rewards = torch.stack([self.reward(im.float(), prompts).float() for im in images])  # (n, B)
                 penalty = base_model_penalty(model, calls, self.loras) if c.kl_coef else rewards.new_zeros(())
@@ -293,9 +298,7 @@ class Trainer:
         return torch.nn.functional.interpolate(x0, size=target, mode="bilinear", antialias=True, align_corners=False)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.backend.device.type, dtype=self.dtype)
+        return memory.autocast(self.backend.device, self.dtype)
 
     def train_step(self):
         # Normal tensors and autograd even when called in inference mode (ComfyUI runs nodes in it).
@@ -364,7 +367,7 @@ class Trainer:
 
     def validate(self):
         with torch.inference_mode(False):
-            return self.validator(self)
+            return self.validator(self.step, self.loras, self.backend, self.reward, self.config, self.dtype)
 
     def train(self):
         """Run to `config.steps` (or an early stop); saves the training state every `save_every` steps, at the end, and on
@@ -402,13 +405,19 @@ class Trainer:
         """The gradient checkpointing steps run with (False, True or "blocks"): the config's, chosen once by the
         memory estimate where it leaves the choice open (`memory.choose_gradient_checkpointing`)."""
         if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = memory.choose_gradient_checkpointing(self)
+            self.gradient_checkpointing = memory.choose_gradient_checkpointing(**self.memory_inputs())
         return self.gradient_checkpointing
+
+    def memory_inputs(self):
+        """What a step's memory depends on, as `memory.estimate` takes it."""
+        judges = self.validator.judges.values() if self.validator is not None else ()
+        return dict(c=self.config, backend=self.backend, reward=self.reward, params=self.params, dtype=self.dtype,
+                    judges=judges)
 
     def memory_estimate(self):
         """Estimated peak device memory of a step (see `memory`), with the gradient checkpointing it runs with
         (`choose_gradient_checkpointing`); raises MemoryError if it cannot fit."""
-        estimate = memory.estimate(self, self.choose_gradient_checkpointing())
+        estimate = memory.estimate(**self.memory_inputs(), gradient_checkpointing=self.choose_gradient_checkpointing())
         memory.check_fits(estimate, self.backend.device)
         return estimate
 

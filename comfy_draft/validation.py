@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from . import distributed, policy
+from . import distributed, memory, policy
 from .rewards.base import Reward
 from .sampling import sample_ddim
 
@@ -98,7 +98,7 @@ def feature_model_of(judges, reward):
 
 
 class Validator:
-    """Runs validations for a `Trainer` and keeps the best LoRA. Metrics use the prefix `val_`:
+    """Runs validations during training and keeps the best LoRA. Metrics use the prefix `val_`:
     val_reward, val_<judge>, val_diversity and val_feature_diversity (both relative to the base model).
 
     Under torch.distributed the held-out samples are drawn and scored on rank 0 alone and its scores sent to every
@@ -113,28 +113,27 @@ class Validator:
         self.base = None        # absolute scores of the base model (LoRA at strength 0)
         self.best = None        # {"step", "score", "lora"}: the best validated LoRA so far
 
-    def evaluate(self, trainer):
-        c = trainer.config
+    def evaluate(self, loras, backend, reward, c, dtype):
         # Within a training step's memory: as many images at a time as one step scores.
         batch = c.batch_size * (c.lv_samples if c.variant == "draft-lv" else 1)
-        images = held_out_images(trainer.backend, self.config.prompts, self.config.seeds, c.negative_prompt, c.cfg,
-                                 c.sampling_steps, c.width, c.height, policy.sampler_for(c, trainer.loras), batch)
-        with trainer.autocast():  # the reward and the judges may be in half precision
-            return score_images(images, self.config.prompts, len(self.config.seeds), trainer.reward, self.on_device,
-                                feature_model_of(self.on_device, trainer.reward), trainer.backend.device)
+        images = held_out_images(backend, self.config.prompts, self.config.seeds, c.negative_prompt, c.cfg,
+                                 c.sampling_steps, c.width, c.height, policy.sampler_for(c, loras), batch)
+        with memory.autocast(backend.device, dtype):  # the reward and the judges may be in half precision
+            return score_images(images, self.config.prompts, len(self.config.seeds), reward, self.on_device,
+                                feature_model_of(self.on_device, reward), backend.device)
 
-    def __call__(self, trainer):
-        """Validate the trainer's current LoRA; returns the `val_*` metrics."""
+    def __call__(self, step, loras, backend, reward, c, dtype=None):
+        """Validate training step `step`: `loras` on `backend`, sampled as `TrainConfig` `c` samples, scored by
+        `reward` and the judges under autocast `dtype`; returns the `val_*` metrics."""
         if self.on_device is None:  # private copies in the training dtype (counted by `memory.estimate`)
             from .trainer import cast_copy
             with torch.inference_mode(False):
-                self.on_device = {name: cast_copy(judge, trainer.backend.device, trainer.dtype)
-                                  for name, judge in self.judges.items()}
-        scores = distributed.from_main(lambda: self.evaluate(trainer))
+                self.on_device = {name: cast_copy(judge, backend.device, dtype) for name, judge in self.judges.items()}
+        scores = distributed.from_main(lambda: self.evaluate(loras, backend, reward, c, dtype))
         if self.base is None:
-            if any(lora.up.any() for lora in trainer.loras.values()):  # e.g. resumed from a LoRA file
-                with trainer.loras.disabled():
-                    self.base = distributed.from_main(lambda: self.evaluate(trainer))
+            if any(lora.up.any() for lora in loras.values()):  # e.g. resumed from a LoRA file
+                with loras.disabled():
+                    self.base = distributed.from_main(lambda: self.evaluate(loras, backend, reward, c, dtype))
             else:
                 self.base = scores
         metrics = {f"val_{k}": v for k, v in scores.items() if "diversity" not in k}
@@ -144,9 +143,9 @@ class Validator:
         score = metrics["val_" + self.config.criterion]
         eligible = metrics["val_diversity"] >= self.config.diversity_floor if self.config.diversity_floor else True
         if eligible and (self.best is None or score > self.best["score"]):
-            self.best = {"step": trainer.step, "score": score,
-                         "lora": {k: v.detach().cpu().clone() for k, v in trainer.loras.state_dict().items()}}
-        self.history.append(dict(metrics, step=trainer.step))
+            self.best = {"step": step, "score": score,
+                         "lora": {k: v.detach().cpu().clone() for k, v in loras.state_dict().items()}}
+        self.history.append(dict(metrics, step=step))
         return metrics
 
     def due(self, step, last_step):

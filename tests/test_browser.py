@@ -188,8 +188,8 @@ def test_trainer_chart_updates_during_a_run_and_survives_a_reload(page, comfy_se
         assert len(p["y"]) >= 2 and len(set(p["y"])) == len(p["y"]), p  # values to read, none repeated
     # the panels and the smoothed reward are plotting.py's, as the reward_curve image draws them
     steps = comfy_server.get("/comfy_draft/history")["3"]["steps"]
-    with_data = ([k for k in keys if any(k in m for m in steps)] for keys in curve_panels(steps))
-    assert state["keys"] == [keys for keys in with_data if keys]
+    with_data = [(title, [k for k in keys if any(k in m for m in steps)]) for title, keys in curve_panels(steps)]
+    assert [(p["title"], keys) for p, keys in zip(state["panels"], state["keys"])] == [p for p in with_data if p[1]]
     assert state["smoothed"] == pytest.approx(smoothed([m["reward"] for m in steps]), rel=1e-9)
 
     # the node's chart on screen: its bottom in view; hovering a panel shows values in uPlot's legend

@@ -237,14 +237,15 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
     assert trainer.gradient_checkpointing is None  # chosen once, before the first step (no property runs passes)
     assert trainer.config.gradient_checkpointing == "auto"
     assert trainer.choose_gradient_checkpointing() is True and trainer.gradient_checkpointing is True  # CPU: no budget
-    probed = memory.probe(trainer)
-    off, on = (memory.estimate(trainer, c, probed)["total"] for c in (False, True))
+    inputs = trainer.memory_inputs()
+    probed = memory.probe(inputs["c"], inputs["backend"], inputs["reward"], inputs["dtype"])
+    off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=probed)["total"] for c in (False, True))
     assert on < off
-    assert memory.choose_gradient_checkpointing(trainer, device_total=off / 0.89) is False
-    assert memory.choose_gradient_checkpointing(trainer, device_total=on / 0.89) is True
-    assert memory.choose_gradient_checkpointing(trainer, device_total=on / 0.95) == "blocks"
+    assert memory.choose_gradient_checkpointing(**inputs, device_total=off / 0.89) is False
+    assert memory.choose_gradient_checkpointing(**inputs, device_total=on / 0.89) is True
+    assert memory.choose_gradient_checkpointing(**inputs, device_total=on / 0.95) == "blocks"
     for forced, total in ((True, 10 * off), (False, on / 2), ("blocks", 10 * off)):
         trainer.config.gradient_checkpointing = forced  # the user's choice stands (True: at least each call)
-        assert memory.choose_gradient_checkpointing(trainer, device_total=total) is forced
+        assert memory.choose_gradient_checkpointing(**inputs, device_total=total) is forced
     with pytest.raises(ValueError, match="gradient_checkpointing must be"):
         config(gradient_checkpointing="sometimes").check()

@@ -13,11 +13,11 @@ def history(validated):
 
 
 def test_panels_follow_the_metrics_present():
-    assert curve_panels(history(False)) == [["reward", "val_reward"], ["grad_norm"]]
-    assert curve_panels(history(True)) == [["reward", "val_reward"], ["val_judge_1"],
-                                           ["val_diversity", "val_feature_diversity"], ["grad_norm"]]
+    assert curve_panels(history(False)) == [["reward", ["reward", "val_reward"]], ["gradient norm / KL", ["grad_norm"]]]
+    assert [keys for _, keys in curve_panels(history(True))] == [["reward", "val_reward"], ["val_judge_1"],
+                                                                ["val_diversity", "val_feature_diversity"], ["grad_norm"]]
     with_kl = [dict(m, kl=0.5) for m in history(False)]
-    assert curve_panels(with_kl)[-1] == ["grad_norm", "kl"]
+    assert curve_panels(with_kl)[-1] == ["gradient norm / KL", ["grad_norm", "kl"]]
 
 
 def test_curve_renders_one_panel_height_per_panel():

@@ -150,9 +150,9 @@ def test_judges_run_as_private_copies_in_the_training_dtype_and_the_estimate_cou
     v = Validator(ValidationConfig(prompts=HELD_OUT_PROMPTS, seeds=[7], every=2), {"conv": judge})
     # two sampling steps: bf16 is emulated on CPUs without AVX-512, and the dtypes are the point, not the samples
     trainer = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(precision="bf16", sampling_steps=2), validator=v)
-    assert "val_conv" in v(trainer)
+    assert "val_conv" in v(0, trainer.loras, trainer.backend, trainer.reward, trainer.config, trainer.dtype)
     assert all(t.dtype == torch.bfloat16 for t in v.on_device["conv"].parameters())
     assert all(t.dtype == torch.float32 for t in judge.parameters())  # the shared judge is left as it was
     without = Trainer(tiny_pixel_backend(tmp_path), BRIGHTNESS, config(precision="bf16", sampling_steps=2))
     judge_bytes = sum(t.numel() * 2 for t in judge.parameters())
-    assert memory.estimate(trainer)["weights"] - memory.estimate(without)["weights"] == judge_bytes
+    assert memory.estimate(**trainer.memory_inputs())["weights"] - memory.estimate(**without.memory_inputs())["weights"] == judge_bytes

@@ -55,39 +55,13 @@ function axisSize(u, values, axisIdx, cycleNum) {
 const label = (key) => key.replace("val_", "held-out ").replaceAll("_", " ");
 const column = (steps, key) => steps.map((m) => (Number.isFinite(m[key]) ? m[key] : null));
 
-// The chart's panels ([title, metric keys]) and its smoothed reward are comfy_draft/plotting.py's (curve_panels and
-// smoothed, which also draw the trainer's reward_curve image). A server that sends them with each step (`panels` and
-// `reward_smoothed` in the step's event and history) is followed as it is; for one that does not, the rules below
-// are plotting.py's, and tests/test_browser.py checks the chart against plotting.py on a real run.
-const sentPanels = (steps) => steps.at(-1)?.panels;
-const sentSmoothed = (steps) => (steps.every((m) => "reward_smoothed" in m) ? column(steps, "reward_smoothed") : null);
-
+// The chart's panels ([title, metric keys]) and its smoothed reward come with each step from the server
+// (`panels` and `reward_smoothed`: comfy_draft/plotting.py's, as the trainer's reward_curve image draws them).
 function panelsOf(steps) {
   const present = (key) => steps.some((m) => key in m);
-  return (sentPanels(steps) ?? curvePanels(steps))
+  return (steps.at(-1)?.panels ?? [])
     .map(([title, keys]) => [title, keys.filter(present)])
     .filter(([, keys]) => keys.length);
-}
-
-// plotting.curve_panels, with the panels' titles.
-function curvePanels(steps) {
-  const val = [...new Set(steps.flatMap((m) => Object.keys(m).filter((k) => k.startsWith("val_"))))].sort();
-  return [
-    ["reward", ["reward", "val_reward"]],
-    ["judges (held-out)", val.filter((k) => k !== "val_reward" && !k.includes("diversity"))],
-    ["diversity (held-out)", val.filter((k) => k.includes("diversity"))],
-    ["gradient norm / KL", ["grad_norm", ...["kl", "policy_shift"].filter((k) => steps.some((m) => m[k]))]],
-  ];
-}
-
-// plotting.smoothed: an exponential moving average, debiased at the start (as TensorBoard smooths).
-function smoothed(values, weight = 0.8) {
-  let average = 0, i = 0;
-  return values.map((v) => {
-    if (v == null) return null;
-    average = weight * average + (1 - weight) * v;
-    return average / (1 - weight ** ++i);
-  });
 }
 
 // uPlot series and data columns of one panel (x: the step).
@@ -100,7 +74,7 @@ function panelData(keys, chart) {
       const dots = { show: true, size: 4 };
       series.push({ label: "reward (per step)", stroke: colour + "88", paths: () => null, points: dots });
       series.push({ label: "reward (smoothed)", stroke: colour, width: 2 });
-      data.push(values, sentSmoothed(chart.steps) ?? smoothed(values));
+      data.push(values, column(steps, "reward_smoothed"));
     } else {
       const validated = key.startsWith("val_");  // every few steps: points joined across the gaps
       series.push({ label: label(key), stroke: colour, spanGaps: validated, points: { show: validated, size: 6 } });

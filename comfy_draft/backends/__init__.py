@@ -18,9 +18,14 @@ class Backend(typing.Protocol):
     base_model_version: str     # kohya's ss_base_model_version
     compute_dtype: torch.dtype  # the model's native compute dtype (what `precision="auto"` follows on a GPU)
     loras: typing.Any           # the LoRASet of `add_loras`, or None before
+    flow: bool                  # a flow-matching model (its DDIM step is the Euler step of its ODE)
 
     def add_loras(self, rank: int, alpha: float | None = None, resnets: bool = False):
         """Attach trainable LoRAs (a `lora.LoRASet`, returned) to the UNet; the base weights stay frozen."""
+
+    def noised(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 at noise level `sigma` (a number, or one per sample) with unit noise `eps`, by the model's own forward
+        process: `sampling.noised` (x0 + sigma eps) for eps/v models, (1 - sigma) x0 + sigma eps for flow models."""
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple:
         """The start-noise shape for `batch` images of height x width pixels."""

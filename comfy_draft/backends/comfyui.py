@@ -5,6 +5,7 @@ conds, hooks, other LoRAs and inpainting masks from ComfyUI itself, exactly as i
 """
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 
@@ -21,29 +22,63 @@ from .. import blockwise
 from ..sampling import recomputed, sample_ddim
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowFamily:
+    """A flow-matching model family DRaFT trains, with the defaults of ComfyUI's templates for it."""
+    name: str
+    configs: tuple   # its comfy.supported_models classes (exactly these: inpainting or pixel-space variants differ)
+    version: str     # kohya's ss_base_model_version
+    steps: int       # sampling steps of the usual workflow (the distilled variant's in its own entry)
+    cfg: float       # 1.0: guidance-distilled, no negative pass
+    targets: tuple   # module path suffixes that get LoRAs: attention and MLP linears. Not the modulation layers
+                     # (adaLN: the largest linears of each block, 6 x hidden^2, driven by the timestep, not the image)
+
+
+FLOW_FAMILIES = (
+    FlowFamily("SD3 / SD3.5", (comfy.supported_models.SD3,), "sd3", 28, 4.5,
+               ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")),
+    FlowFamily("Flux.1 dev", (comfy.supported_models.Flux,), "flux1", 20, 1.0,
+               ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
+    FlowFamily("Flux.1 schnell", (comfy.supported_models.FluxSchnell,), "flux1", 4, 1.0,
+               ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
+    FlowFamily("Z-Image", (comfy.supported_models.ZImage,), "z_image", 8, 1.0,
+               ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
+)
+SUPPORTED = "SD1.x, SD2.x, SDXL, " + ", ".join(f.name for f in FLOW_FAMILIES)
+
+
+def flow_family(model):
+    """The model's `FlowFamily`, or None for a discrete-time (SD) model."""
+    return next((f for f in FLOW_FAMILIES if type(model.model.model_config) in f.configs), None)
+
+
 def check_model(model):
-    """Raise unless `model` (a ModelPatcher) is a discrete-time eps- or v-prediction diffusion model."""
+    """Raise unless `model` (a ModelPatcher) is a discrete-time eps- or v-prediction diffusion model (SD1.x, SD2.x,
+    SDXL) or a flow model of a supported family (`FLOW_FAMILIES`)."""
     ms = model.get_model_object("model_sampling")
-    ok = (
+    discrete = (
         isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
         and isinstance(ms, comfy.model_sampling.EPS)  # V_PREDICTION is a subclass
         and not isinstance(ms, (comfy.model_sampling.EDM, comfy.model_sampling.X0,
                                 comfy.model_sampling.ModelSamplingDiscreteEDM))
     )
-    if not ok:
-        raise ValueError(
-            f"DRaFT's DDIM sampler needs a discrete-time eps- or v-prediction model (SD1.x, SD2.x, SDXL); "
-            f"got {type(model.model).__name__} with {type(ms).__name__} sampling")
+    flow = isinstance(ms, comfy.model_sampling.CONST) and flow_family(model) is not None
+    if not (discrete or flow):
+        raise ValueError(f"DRaFT trains and samples {SUPPORTED} image models; got {type(model.model).__name__} "
+                         f"({type(model.model.model_config).__name__}) with {type(ms).__name__} sampling")
 
 
-def ddim_sigmas(model, steps):
-    """ComfyUI's 'ddim_uniform' schedule: timesteps 1 + k * (1000 // steps), then sigma = 0.
-
-    Like ComfyUI's KSampler it yields one extra step when 1000 % steps leaves room (e.g. 7 -> 8).
-    """
+def schedule(model, steps):
+    """The deterministic sampler's sigmas: ComfyUI's 'ddim_uniform' for discrete models (timesteps 1 + k * (1000 //
+    steps), then sigma = 0; like ComfyUI's KSampler it yields one extra step when 1000 % steps leaves room, e.g. 7 ->
+    8), 'simple' with the model's own shift for flow models (where the DDIM step is the Euler step, KSampler's
+    'euler')."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
+    name = "simple" if flow_family(model) else "ddim_uniform"
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), name, steps)
 
 
 def prepare_latent(model, latent):
@@ -86,7 +121,7 @@ def run_guided(model, positive, negative, cfg, sigmas, fn, latent_image, noise, 
 def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, disable_pbar=True):
     """DDIM (eta = 0) from a ComfyUI LATENT dict, noise drawn as KSampler draws it, without gradients."""
     check_model(model)
-    sigmas = ddim_sigmas(model, steps)
+    sigmas = schedule(model, steps)
     latent_image = prepare_latent(model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     with torch.no_grad():
@@ -103,7 +138,7 @@ def sample_lora_then_base(lora_model, base_model, positive, negative, latent, se
     from ..policy import lora_steps
 
     check_model(base_model)
-    sigmas = ddim_sigmas(base_model, steps)
+    sigmas = schedule(base_model, steps)
     total = len(sigmas) - 1
     switch = lora_steps(fraction, total)
     latent_image = prepare_latent(base_model, latent)
@@ -125,14 +160,17 @@ def sample_lora_then_base(lora_model, base_model, positive, negative, latent, se
 def base_model_version(model):
     """kohya's `ss_base_model_version` for a ComfyUI model (its distilled and variant families included)."""
     config = model.model.model_config
+    if flow_family(model):
+        return flow_family(model).version
     if isinstance(config, comfy.supported_models.SDXL):  # also SSD-1B, Segmind Vega, KOALA
         return "sdxl_base_v1-0"
     return "sd_v2" if isinstance(config, comfy.supported_models.SD20) else "sd_v1"
 
 
 def native_size(model):
-    """The side in pixels a model was trained at: SDXL 1024, SD2.x v-prediction (768-v) 768, otherwise 512."""
-    if isinstance(model.model.model_config, comfy.supported_models.SDXL):
+    """The side in pixels a model was trained at: SDXL and the flow families 1024, SD2.x v-prediction (768-v) 768,
+    otherwise 512."""
+    if isinstance(model.model.model_config, comfy.supported_models.SDXL) or flow_family(model):
         return 1024
     return 768 if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION) else 512
 
@@ -163,8 +201,14 @@ class SamplingBackend:
         check_model(model)
         self.model, self.clip, self.vae = model, clip, vae
         self.latent_format = model.get_model_object("latent_format")
+        self.model_sampling = model.get_model_object("model_sampling")
+        self.flow = flow_family(model) is not None
         self.device = torch.device(model.load_device)
         self._prompt_cache = {}
+
+    def noised(self, x0, sigma, eps):
+        """x0 at noise level `sigma` by the model's own forward process (`model_sampling.noise_scaling`)."""
+        return self.model_sampling.noise_scaling(sigma, eps, x0).to(x0.dtype)
 
     def encode(self, prompts):
         for p in dict.fromkeys(prompts):
@@ -182,7 +226,7 @@ class SamplingBackend:
 
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         """`fn(model, x_T, sigmas)` inside ComfyUI's sampling context, with the CFG-guided x0 predictor."""
-        sigmas = ddim_sigmas(self.model, steps)
+        sigmas = schedule(self.model, steps)
         height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
         positive = with_size(self.encode(prompts), height, width)
         negative = with_size(self.encode([negative_prompt] * len(prompts)), height, width)
@@ -280,8 +324,6 @@ OWN_WRAPPER = "comfy_draft.training"
 
 def check_trainable(model):
     """Raise, before any work, unless DRaFT can train LoRAs on `model` and differentiate its UNet calls."""
-    from ..lora import is_target
-
     check_model(model)
     stores = (model.wrappers, model.model_options.get("transformer_options", {}).get("wrappers", {}))
     wrapped = sorted({f"{key} ({kind})" for store in stores for kind, by_key in store.items()
@@ -296,9 +338,25 @@ def check_trainable(model):
     if model.get_additional_models_with_key("multigpu"):
         raise ValueError("this MODEL is set up for multi-GPU sampling; DRaFT trains on one device: connect the MODEL "
                          "from before the multi-GPU node")
-    if not any(is_target(name) for name, _ in model.model.diffusion_model.named_modules()):
-        raise ValueError(f"{type(model.model).__name__} has no attention projections (to_q, to_k, to_v, to_out.0) "
-                         f"to attach LoRAs to; DRaFT trains the UNets of SD1.x, SD2.x and SDXL")
+    if not lora_targets(model):
+        raise ValueError(f"{type(model.model).__name__} has no attention projections ({', '.join(targets_of(model))}) "
+                         f"to attach LoRAs to; DRaFT trains {SUPPORTED}")
+
+
+def targets_of(model, resnets=False):
+    """The module path suffixes that get LoRAs on this model's family."""
+    from ..lora import ATTENTION_TARGETS, RESNET_TARGETS
+
+    family = flow_family(model)
+    return family.targets if family else ATTENTION_TARGETS + (RESNET_TARGETS if resnets else ())
+
+
+def lora_targets(model, resnets=False):
+    """The paths of the diffusion model's modules that get LoRAs: ComfyUI's weight-casting Linear (and with
+    `resnets`, on SD, Conv2d) layers whose path ends in one of the family's targets."""
+    suffixes = tuple("." + t for t in targets_of(model, resnets))
+    return [n for n, m in model.model.diffusion_model.named_modules() if n.endswith(suffixes)
+            and hasattr(m, "weight_function") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
 def decode_dtype(vae):
@@ -315,6 +373,25 @@ def recompute_each_op(module):
     for m in ops:
         m.forward = functools.partial(recomputed, type(m).forward.__get__(m))
     return ops
+
+
+@contextlib.contextmanager
+def in_training(on=True):
+    """ComfyUI's `in_training` flag (its trainer sets it): the flow models then run their eager RoPE and q/k norms
+    instead of fused comfy_kitchen kernels, which have no backward."""
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = on
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
+
+
+def differentiable_call(executor, *args, **kwargs):
+    """One model call, in training mode only with gradient: the no-grad part of sampling keeps the fast kernels.
+    (Backward's recomputations, of a call or of its blocks, run under `TrainingBackend.run`'s flag.)"""
+    with in_training(torch.is_grad_enabled()):
+        return executor(*args, **kwargs)
 
 
 class TrainingBackend(SamplingBackend):
@@ -366,7 +443,8 @@ class TrainingBackend(SamplingBackend):
         if self.recompute == "blocks":  # each UNet block too, inside the call's recomputation
             executor = blockwise.within(executor, blockwise.blocks(self.model.model.diffusion_model,
                                                                            blockwise.UNET_BLOCKS))
-        return recomputed(executor, *args, enabled=bool(self.recompute), **kwargs)
+        return recomputed(functools.partial(differentiable_call, executor), *args, enabled=bool(self.recompute),
+                          **kwargs)
 
     @contextlib.contextmanager
     def session(self):
@@ -387,21 +465,23 @@ class TrainingBackend(SamplingBackend):
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps, recompute=False):
         self.recompute = recompute
         try:
-            return super().run(fn, prompts, negative_prompt, cfg, noise, steps)
+            with in_training():  # `fn` runs backward in it
+                return super().run(fn, prompts, negative_prompt, cfg, noise, steps)
         finally:
             self.recompute = False
 
     def add_loras(self, rank, alpha=None, resnets=False):
-        from ..lora import LoRASet, attach, is_target, kohya_name
+        from ..lora import LoRASet, attach, kohya_name
 
         unet = self.model.model.diffusion_model
-        targets = [n for n, m in unet.named_modules() if is_target(n, resnets) and hasattr(m, "weight_function")
-                   and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ldm paths for SDXL.
-        to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
-                        for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
-        use_ldm = self.base_model_version.startswith("sdxl")
-        names = {n: kohya_name(n if use_ldm else to_diffusers.get(n, n)) for n in targets}
+        targets = lora_targets(self.model, resnets)
+        # kohya's names: diffusers-style module paths for SD1.x/SD2.x, ComfyUI's module paths for the others (ldm
+        # paths for SDXL, the original repositories' for the flow models, as kohya and ComfyUI name them).
+        to_diffusers = {}
+        if self.base_model_version in ("sd_v1", "sd_v2"):
+            to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
+                            for k, v in comfy.utils.unet_to_diffusers(self.model.model.model_config.unet_config).items()}
+        names = {n: kohya_name(to_diffusers.get(n, n)) for n in targets}
         with torch.inference_mode(False):
             self.loras = LoRASet({names[n]: unet.get_submodule(n).weight.shape for n in targets}, rank, alpha)
             self.loras.to(self.device)
@@ -463,7 +543,7 @@ def sample_mixed(base_model, lora_model, positive, negative, latent, seed, steps
     from ..guidance import aig_weights, sample_aig
 
     check_model(base_model)
-    sigmas = ddim_sigmas(base_model, steps)
+    sigmas = schedule(base_model, steps)
     weights = aig_weights(len(sigmas) - 1, schedule, p, f)
     latent_image = prepare_latent(base_model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
@@ -486,7 +566,7 @@ class AIGSamplingBackend(SamplingBackend):
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         from ..guidance import Mixed, aig_weights
 
-        sigmas = ddim_sigmas(self.model, steps)
+        sigmas = schedule(self.model, steps)
         weights = aig_weights(len(sigmas) - 1, self.schedule, self.p, self.f)
         height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
         positive = with_size(self.encode(prompts), height, width)

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from .. import blockwise
-from ..sampling import check_grad_steps, recomputed, sample_ddim
+from ..sampling import check_grad_steps, noised, recomputed, sample_ddim
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -129,6 +129,9 @@ class TrainingBackend:
         self.base_model_version = base_model_version(unet.config)
         self._prompt_cache = {}
         self.loras = None
+
+    flow = False
+    noised = staticmethod(noised)
 
     @classmethod
     def from_pipeline(cls, pipe, device=None):

@@ -1,0 +1,177 @@
+"""Flow-matching models (Flux.1 dev and schnell, SD3.5, Z-Image) through the real ComfyUI: loaded by its own loaders
+and model detection (`tiny_flow`), sampled, trained through the node, their LoRAs loaded by LoraLoaderModelOnly."""
+import logging
+import math
+import os
+
+import pytest
+import torch
+from tiny_flow import FlowTextStandIn, tiny_flow_vae_file, tiny_flux_file, tiny_sd35_file, tiny_zimage
+
+from comfy_draft import policy, rewards
+from comfy_draft.lora import load_kohya_file
+
+# family -> (the file's loader, ComfyUI's config class, kohya's ss_base_model_version, the LoRA's module names, cfg)
+FAMILIES = {
+    "flux_dev": (lambda: tiny_flux_file(guidance=True), "Flux", "flux1", ("double_blocks", "single_blocks"), 1.0),
+    "flux_schnell": (lambda: tiny_flux_file(guidance=False), "FluxSchnell", "flux1", ("double_blocks", "single_blocks"),
+                     1.0),
+    "sd35": (tiny_sd35_file, "SD3", "sd3", ("joint_blocks",), 2.0),  # real CFG: the negative pass runs too
+    "zimage": (None, "ZImage", "z_image", ("layers", "noise_refiner", "context_refiner"), 1.0),
+}
+TEXT = {"flux_dev": "flux", "flux_schnell": "flux", "sd35": "sd3", "zimage": "zimage"}
+PROMPTS = ["a lighthouse at dusk", "a bowl of ramen"]
+
+
+def link(comfyui, folder, path):
+    """`path` in ComfyUI's models folder `folder`, by its file name there."""
+    import pathlib
+    target = pathlib.Path(comfyui.folder_paths.get_folder_paths(folder)[0]) / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(path)
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def flow_objects(comfyui):
+    """family -> (MODEL, CLIP stand-in, VAE) as UNETLoader and VAELoader make them."""
+    import nodes
+    vae_name = link(comfyui, "vae", tiny_flow_vae_file())
+    cache = {}
+
+    def objects(family):
+        if family not in cache:
+            with torch.inference_mode():  # as ComfyUI runs its loader nodes
+                writer = FAMILIES[family][0]
+                model = (nodes.UNETLoader().load_unet(link(comfyui, "diffusion_models", writer()), "default")[0]
+                         if writer else tiny_zimage())
+                cache[family] = (model, FlowTextStandIn(TEXT[family]), nodes.VAELoader().load_vae(vae_name)[0])
+        return cache[family]
+    return objects
+
+
+def conditioning(clip, prompts):
+    conds = [clip.encode_from_tokens_scheduled(p) for p in prompts]
+    extra = {k: torch.cat([c[0][1][k] for c in conds]) for k in conds[0][0][1]}
+    return [[torch.cat([c[0][0] for c in conds]), extra]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_sampler_matches_ksampler_euler_simple(comfyui, flow_objects, family):
+    import nodes
+    model, clip, _ = flow_objects(family)
+    assert type(model.model.model_config).__name__ == FAMILIES[family][1]  # ComfyUI's own detection
+    positive, negative = conditioning(clip, PROMPTS), conditioning(clip, ["", ""])
+    latent = {"samples": torch.zeros(2, 16, 8, 8)}
+    cfg = FAMILIES[family][4]
+    with torch.inference_mode():
+        (ref,) = nodes.KSampler().sample(model, 7, 4, cfg, "euler", "simple", positive, negative, latent)
+        (ours,) = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTDDIMSampler"]().sample(model, positive, negative, latent,
+                                                                                  7, 4, cfg)
+    ref, ours = ref["samples"], ours["samples"]
+    print(f"{family}: max |KSampler euler - DRaFT| = {(ref - ours).abs().max():.2e}")
+    assert ref.std() > 0.05
+    # The same ops in the same order: only summation-order noise, far below the sample's own scale.
+    assert (ref - ours).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_flow_noising_is_the_models_own(comfyui, flow_objects):
+    """DRaFT-LV's re-noising and P-GRAFT's training targets use ComfyUI's `noise_scaling` for the model:
+    (1 - sigma) x0 + sigma eps on a flow model, not the eps models' x0 + sigma eps."""
+    from comfy_draft.backends.comfyui import SamplingBackend
+    from comfy_draft.sampling import denoise_renoised
+    model, clip, vae = flow_objects("flux_dev")
+    backend = SamplingBackend(model, clip, vae)
+    assert backend.flow
+    g = torch.Generator().manual_seed(0)
+    x0, eps, sigma = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g), torch.tensor(0.3)
+    expected = model.get_model_object("model_sampling").noise_scaling(sigma, eps, x0)
+    torch.testing.assert_close(expected, 0.7 * x0 + 0.3 * eps)
+    seen = []
+    denoise_renoised(lambda x, s: seen.append(x) or x, x0, sigma, [eps], recompute=False, noised=backend.noised)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+
+    # P-GRAFT's loss vanishes at the exact score of one accepted point x_t under the flow's forward process:
+    # from x_t at sigma_t, x_s = r x_t + delta eps with r = (1 - s) / (1 - s_t), delta^2 = s^2 - r^2 s_t^2.
+    x_t = torch.randn(4, 16, 3, 3, generator=g, dtype=torch.float64).float()
+    sigma_t, sigma = 0.4, torch.tensor([0.5, 0.7, 0.9, 0.45])
+    s = sigma.view(-1, 1, 1, 1)
+    r = (1 - s) / (1 - sigma_t)
+    delta2 = s ** 2 - (r * sigma_t) ** 2
+
+    def score_model(x_s, _):  # (1 - s) x0_hat = x_s + s^2 * score, score = (r x_t - x_s) / delta^2
+        return (x_s + s ** 2 * (r * x_t - x_s) / delta2) / (1 - s)
+    noise = torch.randn(x_t.shape, generator=g)
+    assert policy.shaped_denoising_loss(score_model, x_t, sigma_t, sigma, noise, backend.noised) < 1e-9
+    # ... and does not with the eps models' noising (the loss is not the same whatever the process)
+    assert policy.shaped_denoising_loss(score_model, x_t, sigma_t, sigma, noise) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_family_trains_through_the_node_and_its_lora_loads_in_comfyui_with_every_key(comfyui, flow_objects,
+                                                                                          family, caplog):
+    import nodes
+    from comfy_draft.backends.comfyui import TrainingBackend
+    model, clip, vae = flow_objects(family)
+    cfg = FAMILIES[family][4]
+    node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
+    with torch.inference_mode():
+        out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), "\n".join(PROMPTS), "",
+                         variant="draft-lv", training_steps=2, sampling_steps=2, cfg=cfg, width=64, height=64,
+                         batch_size=1, learning_rate=0.05, rank=4, seed=0, lora_name=f"draft_{family}")
+    patched, path, _, final_reward = out["result"]
+    assert math.isfinite(final_reward)
+    state_dict, metadata = load_kohya_file(path)
+    assert metadata["ss_base_model_version"] == FAMILIES[family][2]
+    modules = {k.rsplit(".", 2)[0] for k in state_dict}
+    assert all(m.startswith(tuple("lora_unet_" + p for p in FAMILIES[family][3])) for m in modules), sorted(modules)
+
+    name = os.path.relpath(path, comfyui.folder_paths.get_folder_paths("loras")[0])
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        (theirs,) = nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(theirs.patches) == len(modules)  # every module of the file patched a weight
+
+    # The trained LoRA as training ran it (bypass hooks) samples what ComfyUI's loader (merged weights) samples.
+    backend = TrainingBackend(model, clip, vae)
+    backend.add_loras(rank=4).load_kohya_state_dict(state_dict)
+    positive, negative = conditioning(clip, PROMPTS), conditioning(clip, ["", ""])
+    latent = {"samples": torch.zeros(2, 16, 8, 8)}
+    sampler = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTDDIMSampler"]()
+    with torch.inference_mode():
+        ours, merged, base = (sampler.sample(m, positive, negative, latent, 3, 2, cfg)[0]["samples"]
+                              for m in (backend.model, theirs, model))
+    scale = base.abs().max()
+    print(f"{family}: LoRA effect {(ours - base).abs().max() / scale:.2e}, "
+          f"|LoraLoader - trained| {(merged - ours).abs().max() / scale:.2e} (relative)")
+    assert (ours - base).abs().max() > 1e-3 * scale
+    assert (merged - ours).abs().max() <= 1e-3 * scale
+
+
+def test_unsupported_models_and_ddpo_on_flow_are_refused_before_any_work(comfyui, flow_objects):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from tiny_flow import TINY_ZIMAGE
+
+    from comfy_draft.backends.comfyui import SUPPORTED, TrainingBackend, check_model
+    from comfy_draft.trainer import TrainConfig, Trainer
+
+    def patcher(config):
+        config.set_inference_dtype(torch.float32, None)
+        return comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"),
+                                                offload_device=torch.device("cpu"))
+    video = patcher(comfy.supported_models.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128,
+                                                           num_heads=2, num_layers=1, text_dim=64)))
+    lumina2 = patcher(comfy.supported_models.Lumina2(dict(TINY_ZIMAGE, z_image_modulation=False)))
+    for model in (video, lumina2):
+        with pytest.raises(ValueError, match="DRaFT trains and samples SD1.x, SD2.x, SDXL, SD3") as e:
+            check_model(model)
+        assert SUPPORTED in str(e.value)
+
+    model, clip, vae = flow_objects("flux_schnell")
+    config = TrainConfig(prompts=PROMPTS, variant="ddpo", steps=1, sampling_steps=2, width=64, height=64)
+    with pytest.raises(ValueError, match="DDPO needs a stochastic sampling step"):
+        Trainer(TrainingBackend(model, clip, vae), rewards.builtin_reward("saturation"), config)
