@@ -35,8 +35,9 @@ def latent_output(latent_image, samples):
 class DRaFTDDIMSampler:
     """DDIM (eta = 0) with classifier-free guidance: the exact sampling path DRaFT differentiates."""
 
-    DESCRIPTION = ("Deterministic DDIM sampling (eta 0, 'ddim_uniform' timesteps) with classifier-free guidance. "
-                   "It is the sampler DRaFT training backpropagates through; here it runs without gradients.")
+    DESCRIPTION = ("Deterministic DDIM sampling (eta 0, 'ddim_uniform' timesteps) with classifier-free guidance; on "
+                   "flow models (Flux.1, SD3/SD3.5, Z-Image) its Euler step on the 'simple' schedule. It is the "
+                   "sampler DRaFT training backpropagates through; here it runs without gradients.")
     CATEGORY = "DRaFT"
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
@@ -44,7 +45,8 @@ class DRaFTDDIMSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (eps or v-prediction)."}),
+            "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model (eps or v-prediction), or a Flux.1, "
+                                           "SD3/SD3.5 or Z-Image flow model (then: Euler on 'simple')."}),
             "positive": ("CONDITIONING", {"tooltip": "What the image should show (CLIP Text Encode)."}),
             "negative": ("CONDITIONING", {"tooltip": "What to steer away from (classifier-free guidance)."}),
             "latent_image": ("LATENT", {"tooltip": "The latent to fill, e.g. Empty Latent Image: its size and batch."}),
@@ -100,17 +102,17 @@ class DRaFTPGRAFTSampler:
         return (latent_output(latent_image, samples),)
 
 
-# 0 = the model's own training size (SD1.x 512, SD2.x 768-v 768, SDXL 1024).
+# 0 = the model's own training size (SD1.x 512, SD2.x 768-v 768, SDXL and the flow models 1024).
 SIZE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                       "tooltip": "Image size in pixels; 0: the model's native size "
-                                 "(SD1.x 512, SD2 768-v 768, SDXL 1024)."})
+                                 "(SD1.x 512, SD2 768-v 768, SDXL, Flux, SD3.5, Z-Image 1024)."})
 
 
 NEGATIVE_TOOLTIP = "The negative prompt of every sample."
 
 
 def base_model_inputs():
-    return {"model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL)."}),
+    return {"model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x, SDXL, Flux.1, SD3/SD3.5 or Z-Image)."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder, for the prompts."}),
             "vae": ("VAE", {"tooltip": "The model's VAE, to decode samples for the reward."})}
 

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental hub call fails fas
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from comfyui_harness import PACK_NAME, ComfyServer, InProcessComfy, make_base_dir  # noqa: E402
-from tiny_models import tiny_sd15_checkpoint  # noqa: E402
+from tiny_models import tiny_sd15_small_decoder_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +21,10 @@ def comfyui(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd15(comfyui):
-    """File name (in ComfyUI's checkpoints folder) of a tiny random SD1.5-architecture checkpoint."""
-    path = tiny_sd15_checkpoint(seed=0)
+    """File name (in ComfyUI's checkpoints folder) of a tiny random SD1.5-architecture checkpoint: a tiny UNet,
+    full-size CLIP-L, and a VAE decoder at a quarter of SD's width (16x cheaper per pixel: the full-width decoder was
+    most of every node test's time, and no test here is about its width)."""
+    path = tiny_sd15_small_decoder_checkpoint(seed=0)
     link = comfyui.base_dir / "models" / "checkpoints" / path.name
     if not link.exists():
         link.symlink_to(path)
@@ -33,8 +35,7 @@ def tiny_sd15(comfyui):
 def comfy_server(tmp_path_factory, tiny_sd15):
     """The real ComfyUI server on 127.0.0.1 (started on first use), sharing the tiny checkpoint."""
     base = make_base_dir(tmp_path_factory.mktemp("server_base"))
-    from tiny_models import tiny_sd15_checkpoint as ckpt
-    (base / "models" / "checkpoints" / tiny_sd15).symlink_to(ckpt(seed=0))
+    (base / "models" / "checkpoints" / tiny_sd15).symlink_to(tiny_sd15_small_decoder_checkpoint(seed=0))
     server = ComfyServer(base).wait_ready()
     yield server
     server.stop()

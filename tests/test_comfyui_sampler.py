@@ -50,12 +50,12 @@ def test_matches_ksampler_ddim_uniform(comfyui, tiny_sd15, steps, prediction):
     assert diff < 1e-4
 
 
-def test_rejects_flow_model(comfyui, tiny_sd15):
+def test_rejects_an_sd_model_patched_to_flow_sampling(comfyui, tiny_sd15):
     prompt = sampling_prompt(tiny_sd15, 4)
     prompt["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
     prompt["6"]["inputs"]["model"] = ["9", 0]
     del prompt["5"], prompt["7"]
-    with pytest.raises(PromptError, match="eps- or v-prediction"):
+    with pytest.raises(PromptError, match="discrete eps or v-prediction"):
         comfyui.run(prompt)
 
 
@@ -73,7 +73,7 @@ def test_bad_input_errors(comfyui, tiny_sd15):
     with pytest.raises(ValueError, match="steps must be >= 1"):
         backend.sample(model, cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 0, 7.5)
     with pytest.raises(ValueError, match=r"grad_steps \(K\) must be between 0 and the number of sampling steps \(4\)"):
-        sampling.sample_ddim(lambda x, s: x, torch.zeros(1), backend.schedule(model, 4), grad_steps=5)
+        sampling.sample_ddim(lambda x, s: x, torch.zeros(1), backend.sampling_sigmas(model, 4), grad_steps=5)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         sampling.sample_ddim(lambda x, s: x, torch.zeros(1), torch.tensor([0.0]))
 
@@ -92,7 +92,7 @@ def test_gradient_through_comfyui_guider(comfyui, tiny_sd15, checkpoint):
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     weight = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.weight
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    sigmas = backend.schedule(model, 5)
+    sigmas = backend.sampling_sigmas(model, 5)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     graphs = []
 

@@ -52,10 +52,12 @@ def test_quality_benchmark_runs_end_to_end_with_a_tiny_budget(tmp_path):
     from ui_workflows import REPO
     result = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--queries", "16", "--seeds", "0",
                              "--no-gradient-queries", "16", "--eval-seeds", "2", "--hit-eval-seeds", "2", "--evals", "1",
-                             "--sampling-steps", "5", "--batch-size", "2",
-                             "--out", str(tmp_path)], capture_output=True, text=True)
+                             "--sampling-steps", "5", "--batch-size", "2", "--tables", "differentiable", "jpeg",
+                             "--methods", "DRaFT-LV (n=2)", "DRaFT-1", "DRaFT-K (K=2)", "DRaFT-K (K=5)",
+                             "DRaFT (full)", "DDPO", "P-GRAFT (t = 0.5)",  # every kind of method, not every method
+                             "--strengths", "0", "1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("quality.json", "quality.md", "quality_reward_vs_queries.png", "quality_grad_norm_vs_k.png",
-                 "quality_lora_strength.png"):
+                 "quality_lora_strength.png", "quality_jpeg.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| DRaFT-LV (n=2) |" in (tmp_path / "quality.md").read_text()

@@ -78,7 +78,7 @@ def test_pgraft_sampler_runs_the_lora_above_t_and_the_base_model_below(comfyui, 
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         switched = backend.sample_lora_then_base(lora_model, base, positive, negative, latent, 1, 5, 5.0, 0.6)
-        sigmas = backend.schedule(model, 5)
+        sigmas = backend.sampling_sigmas(model, 5)
         sigma_t = float(sigmas[3])  # round(0.6 * 5) = 3 LoRA steps
         assert [name for name, _ in calls] == ["lora"] * 3 + ["base"] * 2  # cond and uncond batched: one call a step
         assert all(sigma > sigma_t for name, sigma in calls if name == "lora")

@@ -22,7 +22,7 @@ def test_post_prompt_runs_and_history_reports_outputs(comfy_server, tiny_sd15):
     assert (comfy_server.base_dir / "output" / latent["subfolder"] / latent["filename"]).stat().st_size > 0
 
 
-def test_post_prompt_with_a_flow_model_reports_the_error(comfy_server, tiny_sd15):
+def test_post_prompt_with_an_sd_model_patched_to_flow_sampling_reports_the_error(comfy_server, tiny_sd15):
     prompt = sampling_prompt(tiny_sd15, steps=4, batch=1)
     prompt["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
     prompt["6"]["inputs"]["model"] = ["9", 0]
@@ -30,4 +30,4 @@ def test_post_prompt_with_a_flow_model_reports_the_error(comfy_server, tiny_sd15
     entry = comfy_server.wait_history(comfy_server.queue(prompt))
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert "eps- or v-prediction" in errors[0]["exception_message"]
+    assert "discrete eps or v-prediction" in errors[0]["exception_message"]

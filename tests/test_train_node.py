@@ -221,7 +221,7 @@ def test_strength_sweep_node_agrees_with_the_library(comfyui, tiny_sd15):
     loras = backend.add_loras(rank=4)
     with torch.no_grad():
         for lora in loras.values():
-            lora.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+            lora.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     lora_dir = comfyui.folder_paths.get_folder_paths("loras")[0]
     loras.save(f"{lora_dir}/sweep_me.safetensors", overwrite=True)
     loras.load_kohya_state_dict(load_kohya_file(f"{lora_dir}/sweep_me.safetensors")[0])  # the file's fp16 values

@@ -254,9 +254,63 @@ def pgraft_lora_above_t():
     return prompt, positions, titles
 
 
+def train_flow_lora(loaders, steps, guidance=None):
+    """DRaFT-LV on a flow model loaded as ComfyUI's templates load it (`loaders`: ids "1" MODEL, "2" CLIP, "3" VAE),
+    at its native size (width/height 0: 1024), cfg 1 (guidance-distilled), then a sample with the LoRA by KSampler
+    `euler` + `simple` (what the trainer's sampler equals)."""
+    prompt = {
+        **loaders,
+        "4": aesthetic_reward(),
+        "5": {"class_type": "DRaFTTrainLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "reward": ["4", 0],
+            "prompts": "a lighthouse at dusk, oil painting\na cat sitting on a windowsill\na bowl of fruit on a table",
+            "negative_prompt": "", "variant": "draft-lv", "training_steps": 100, "sampling_steps": steps, "cfg": 1.0,
+            "width": 0, "height": 0, "batch_size": 1, "learning_rate": 2e-4, "rank": 16, "seed": 0,
+            "lora_name": "draft/flow_aesthetic", "resume_lora": "none", "resume_state": "none",
+            "options": ["6", 0]}},
+        "6": training_options(reward_resolution=512, save_every=25, precision="bf16"),
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk, oil painting", "clip": ["2", 0]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
+        "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "11": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["8", 0], "negative": ["9", 0],
+                                                    "latent_image": ["10", 0], "seed": 1, "steps": steps, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["3", 0]}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
+    }
+    positions = {"1": (20, 60), "2": (20, 200), "3": (20, 380), "4": (20, 500), "5": (400, 60), "6": (20, 700),
+                 "7": (880, 60), "8": (880, 380), "9": (880, 560), "10": (880, 740), "11": (1240, 380),
+                 "12": (1600, 380), "13": (1600, 560)}
+    if guidance is not None:  # Flux dev: the guidance its sampling expects (the trainer uses the same 3.5 default)
+        prompt["14"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["8", 0], "guidance": guidance}}
+        prompt["11"]["inputs"]["positive"] = ["14", 0]
+        positions["14"] = (1240, 200)
+    return prompt, positions
+
+
+def train_flux_lora():
+    return train_flow_lora({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors",
+                                                         "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                                                         "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}}, steps=20, guidance=3.5)
+
+
+def train_zimage_lora():
+    return train_flow_lora({
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "z_image_turbo_bf16.safetensors",
+                                                     "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2",
+                                                     "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}}, steps=8)
+
+
 EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength,
             "score_images.json": score_images, "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep,
-            "pgraft_lora_above_t.json": pgraft_lora_above_t}
+            "pgraft_lora_above_t.json": pgraft_lora_above_t, "train_flux_lora.json": train_flux_lora,
+            "train_zimage_lora.json": train_zimage_lora}
 
 
 def write_examples(classes, folder=REPO / "workflows"):

@@ -66,11 +66,12 @@ def check_model(model):
     )
     flow = isinstance(ms, comfy.model_sampling.CONST) and flow_family(model) is not None
     if not (discrete or flow):
-        raise ValueError(f"DRaFT trains and samples {SUPPORTED} image models; got {type(model.model).__name__} "
+        raise ValueError(f"DRaFT trains and samples {SUPPORTED} image models (SD models with their discrete eps or "
+                         f"v-prediction sampling); got {type(model.model).__name__} "
                          f"({type(model.model.model_config).__name__}) with {type(ms).__name__} sampling")
 
 
-def schedule(model, steps):
+def sampling_sigmas(model, steps):
     """The deterministic sampler's sigmas: ComfyUI's 'ddim_uniform' for discrete models (timesteps 1 + k * (1000 //
     steps), then sigma = 0; like ComfyUI's KSampler it yields one extra step when 1000 % steps leaves room, e.g. 7 ->
     8), 'simple' with the model's own shift for flow models (where the DDIM step is the Euler step, KSampler's
@@ -121,7 +122,7 @@ def run_guided(model, positive, negative, cfg, sigmas, fn, latent_image, noise, 
 def sample(model, positive, negative, latent, seed, steps, cfg, callback=None, disable_pbar=True):
     """DDIM (eta = 0) from a ComfyUI LATENT dict, noise drawn as KSampler draws it, without gradients."""
     check_model(model)
-    sigmas = schedule(model, steps)
+    sigmas = sampling_sigmas(model, steps)
     latent_image = prepare_latent(model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     with torch.no_grad():
@@ -138,7 +139,7 @@ def sample_lora_then_base(lora_model, base_model, positive, negative, latent, se
     from ..policy import lora_steps
 
     check_model(base_model)
-    sigmas = schedule(base_model, steps)
+    sigmas = sampling_sigmas(base_model, steps)
     total = len(sigmas) - 1
     switch = lora_steps(fraction, total)
     latent_image = prepare_latent(base_model, latent)
@@ -226,7 +227,7 @@ class SamplingBackend:
 
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         """`fn(model, x_T, sigmas)` inside ComfyUI's sampling context, with the CFG-guided x0 predictor."""
-        sigmas = schedule(self.model, steps)
+        sigmas = sampling_sigmas(self.model, steps)
         height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
         positive = with_size(self.encode(prompts), height, width)
         negative = with_size(self.encode([negative_prompt] * len(prompts)), height, width)
@@ -543,7 +544,7 @@ def sample_mixed(base_model, lora_model, positive, negative, latent, seed, steps
     from ..guidance import aig_weights, sample_aig
 
     check_model(base_model)
-    sigmas = schedule(base_model, steps)
+    sigmas = sampling_sigmas(base_model, steps)
     weights = aig_weights(len(sigmas) - 1, schedule, p, f)
     latent_image = prepare_latent(base_model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
@@ -566,7 +567,7 @@ class AIGSamplingBackend(SamplingBackend):
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
         from ..guidance import Mixed, aig_weights
 
-        sigmas = schedule(self.model, steps)
+        sigmas = sampling_sigmas(self.model, steps)
         weights = aig_weights(len(sigmas) - 1, self.schedule, self.p, self.f)
         height, width = (n * self.latent_format.spacial_downscale_ratio for n in noise.shape[-2:])
         positive = with_size(self.encode(prompts), height, width)
