@@ -46,7 +46,8 @@ def curve_panels(history):
     panels = [["reward", ["reward", "val_reward"]],
               ["judges (held-out)", [k for k in val_keys if k != "val_reward" and "diversity" not in k]],
               ["diversity (held-out)", [k for k in val_keys if "diversity" in k]],
-              ["gradient norm / KL", ["grad_norm"] + [k for k in ("kl", "policy_shift") if any(m.get(k) for m in history)]]]
+              ["gradient norm / KL", ["grad_norm"] + [k for k in ("kl", "policy_shift")
+                                                      if any(m.get(k) for m in history)]]]
     return [[title, keys] for title, keys in panels if keys]
 
 

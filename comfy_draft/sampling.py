@@ -66,7 +66,8 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 def noised(x0, sigma, eps):
     """x0 at noise level `sigma` (a number, or one per sample) with unit noise `eps`, as eps and v models are noised
-    in the sigma parameterisation: x0 + sigma * eps. (A flow model's backend has its own: (1 - sigma) x0 + sigma eps.)"""
+    in the sigma parameterisation: x0 + sigma * eps. (A flow model's backend has its own: (1 - sigma) x0 +
+    sigma eps.)"""
     if sigma.ndim:
         sigma = sigma.reshape(-1, *[1] * (eps.ndim - 1))
     return x0 + sigma * eps

@@ -51,7 +51,8 @@ def test_demo_command_trains_and_writes_its_outputs(tmp_path):
 def test_quality_benchmark_runs_end_to_end_with_a_tiny_budget(tmp_path):
     from ui_workflows import REPO
     result = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--queries", "16", "--seeds", "0",
-                             "--no-gradient-queries", "16", "--eval-seeds", "2", "--hit-eval-seeds", "2", "--evals", "1",
+                             "--no-gradient-queries", "16", "--eval-seeds", "2", "--hit-eval-seeds", "2",
+                             "--evals", "1",
                              "--sampling-steps", "5", "--batch-size", "2", "--tables", "differentiable", "jpeg",
                              "--methods", "DRaFT-LV (n=2)", "DRaFT-1", "DRaFT-K (K=2)", "DRaFT-K (K=5)",
                              "DRaFT (full)", "DDPO", "P-GRAFT (t = 0.5)",  # every kind of method, not every method

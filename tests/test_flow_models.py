@@ -175,3 +175,16 @@ def test_unsupported_models_and_ddpo_on_flow_are_refused_before_any_work(comfyui
     config = TrainConfig(prompts=PROMPTS, variant="ddpo", steps=1, sampling_steps=2, width=64, height=64)
     with pytest.raises(ValueError, match="DDPO needs a stochastic sampling step"):
         Trainer(TrainingBackend(model, clip, vae), rewards.builtin_reward("saturation"), config)
+
+
+def test_prompts_with_attention_masks_batch_only_at_equal_length(comfyui):
+    """Z-Image's text joins its image tokens in one attention: repeating tokens to a common length (ComfyUI's way,
+    exact for cross-attention) would change it, so such prompts batch only when their lengths match."""
+    from comfy_draft.backends.comfyui import batch_conditioning
+
+    def cond(tokens):
+        return [[torch.randn(1, tokens, 8), {"attention_mask": torch.ones(1, tokens)}]]
+    batched = batch_conditioning([cond(5), cond(5)])
+    assert batched[0][0].shape == (2, 5, 8) and batched[0][1]["attention_mask"].shape == (2, 5)
+    with pytest.raises(ValueError, match="batch_size 1"):
+        batch_conditioning([cond(5), cond(7)])

@@ -270,7 +270,8 @@ def train_flow_lora(loaders, steps, guidance=None):
             "options": ["6", 0]}},
         "6": training_options(reward_resolution=512, save_every=25, precision="bf16"),
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
-        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk, oil painting", "clip": ["2", 0]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk, oil painting",
+                                                         "clip": ["2", 0]}},
         "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 0]}},
         "10": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
         "11": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["8", 0], "negative": ["9", 0],
@@ -308,9 +309,9 @@ def train_zimage_lora():
 
 
 EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength,
-            "score_images.json": score_images, "mix_two_loras.json": mix_loras, "lora_strength_sweep.json": strength_sweep,
-            "pgraft_lora_above_t.json": pgraft_lora_above_t, "train_flux_lora.json": train_flux_lora,
-            "train_zimage_lora.json": train_zimage_lora}
+            "score_images.json": score_images, "mix_two_loras.json": mix_loras,
+            "lora_strength_sweep.json": strength_sweep, "pgraft_lora_above_t.json": pgraft_lora_above_t,
+            "train_flux_lora.json": train_flux_lora, "train_zimage_lora.json": train_zimage_lora}
 
 
 def write_examples(classes, folder=REPO / "workflows"):

@@ -191,6 +191,11 @@ def batch_conditioning(conds):
     extra = dict(conds[0][0][1])
     if "pooled_output" in extra:
         extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
+    if "attention_mask" in extra:  # Z-Image's text: its tokens join the image's in one attention, so no repetition
+        if len({t.shape[1] for t in tensors}) > 1:
+            raise ValueError("this model's prompts of different token lengths cannot share a batch: train it with "
+                             "batch_size 1 (each step still draws from all the prompts)")
+        extra["attention_mask"] = torch.cat([c[0][1]["attention_mask"] for c in conds])
     return [[torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors]), extra]]
 
 
