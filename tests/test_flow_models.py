@@ -188,3 +188,37 @@ def test_prompts_with_attention_masks_batch_only_at_equal_length(comfyui):
     assert batched[0][0].shape == (2, 5, 8) and batched[0][1]["attention_mask"].shape == (2, 5)
     with pytest.raises(ValueError, match="batch_size 1"):
         batch_conditioning([cond(5), cond(7)])
+
+
+def test_training_through_fp8_stored_weights_gives_the_gradient_of_their_values(comfyui, flow_objects):
+    """UNETLoader's fp8_e4m3fn storage (ComfyUI casts each weight to the compute dtype as it is used): the LoRA's
+    gradient equals that of the same values held in float32, bit for bit (the same float32 ops on the same numbers:
+    on the CPU both compute in float32)."""
+    import nodes
+    from tiny_flow import tiny_flux_fp8_values_file
+
+    from comfy_draft.backends.comfyui import TrainingBackend
+    _, clip, vae = flow_objects("flux_dev")
+    name = link(comfyui, "diffusion_models", tiny_flux_fp8_values_file())
+    grads = {}
+    for storage in ("fp8_e4m3fn", "default"):
+        with torch.inference_mode():
+            model = nodes.UNETLoader().load_unet(name, storage)[0]
+        assert {p.dtype for p in model.model.diffusion_model.parameters()} == (
+            {torch.float8_e4m3fn} if storage != "default" else {torch.float32})
+        backend = TrainingBackend(model, clip, vae)
+        torch.manual_seed(0)  # the same random down weights
+        loras = backend.add_loras(rank=4)
+        with torch.no_grad():
+            for lora in loras.values():  # non-zero up weights: both factors get a gradient
+                lora.up.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+
+        def fn(m, x, sigmas):
+            m(x, sigmas[1] * x.new_ones(x.shape[0])).float().square().sum().backward()
+            return x
+        noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode(False), torch.enable_grad():
+            backend.run(fn, [PROMPTS[0]], "", 1.0, noise, 4, recompute=True)
+        grads[storage] = torch.cat([torch.cat([lo.up.grad.flatten(), lo.down.grad.flatten()]) for lo in loras.values()])
+    assert grads["default"].abs().max() > 0
+    torch.testing.assert_close(grads["fp8_e4m3fn"], grads["default"], rtol=0, atol=0)

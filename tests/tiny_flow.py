@@ -55,6 +55,17 @@ def tiny_flux_file(guidance=True, seed=0):
     return path
 
 
+def tiny_flux_fp8_values_file(seed=0):
+    """`tiny_flux_file()` with every tensor rounded to float8 e4m3fn (stored as bf16, which holds those exactly): the
+    same values UNETLoader's `fp8_e4m3fn` storage keeps, so a model loaded from it at full precision is the fp8 one's
+    reference."""
+    path = CACHE / f"tiny_flux_dev_fp8_values_seed{seed}.safetensors"
+    if not path.exists():
+        from safetensors.torch import load_file
+        save({k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(tiny_flux_file(True, seed))).items()}, path)
+    return path
+
+
 def tiny_sd35_file(seed=0):
     """An SD3.5-Medium-layout MMDiT diffusion-model file (the keys of Stability's sd3.5 files without the
     `model.diffusion_model.` prefix, as ComfyUI's split diffusion models are)."""
