@@ -102,6 +102,9 @@ class DRaFTPGRAFTSampler:
         return (latent_output(latent_image, samples),)
 
 
+# What 0 means for the training node's sampling_steps and cfg.
+USUAL = "; ".join([f"SD {TrainConfig.sampling_steps} steps, cfg {TrainConfig.cfg:g}"]
+                  + [f"{f.name} {f.steps}, cfg {f.cfg:g}" for f in backend.FLOW_FAMILIES])
 # 0 = the model's own training size (SD1.x 512, SD2.x 768-v 768, SDXL and the flow models 1024).
 SIZE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                       "tooltip": "Image size in pixels; 0: the model's native size "
@@ -534,10 +537,12 @@ class DRaFTTrainLoRA:
                                                         "alignprop (random K), refl (one random late step)."}),
                 "training_steps": ("INT", {"default": 200, "min": 1, "max": 100000,
                                            "tooltip": "Optimizer steps."}),
-                "sampling_steps": ("INT", {"default": d.sampling_steps, "min": 1, "max": 1000,
-                                           "tooltip": "DDIM steps of each training sample."}),
-                "cfg": ("FLOAT", {"default": d.cfg, "min": 0.0, "max": 100.0, "step": 0.1,
-                                  "tooltip": "Classifier-free guidance scale while training."}),
+                "sampling_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                           "tooltip": "DDIM steps of each training sample; 0: the model's usual "
+                                                      f"({USUAL})."}),
+                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                  "tooltip": f"Classifier-free guidance scale while training; 0: the model's usual "
+                                             f"({USUAL})."}),
                 "width": SIZE_INPUT,
                 "height": SIZE_INPUT,
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Samples per step."}),
@@ -582,6 +587,8 @@ class DRaFTTrainLoRA:
         save_every = o["save_every"]
         size = backend.native_size(model)
         width, height = width or size, height or size
+        usual_steps, usual_cfg = backend.usual_steps_and_cfg(model)
+        sampling_steps, cfg = sampling_steps or usual_steps, cfg or usual_cfg
         config = TrainConfig(
             prompts=lines(prompts), negative_prompt=negative_prompt, variant=variant, grad_steps=o["k"],
             lv_samples=o["lv_samples"], steps=training_steps, sampling_steps=sampling_steps, cfg=cfg, width=width,

@@ -1,5 +1,6 @@
 """Flow-matching models (Flux.1 dev and schnell, SD3.5, Z-Image) through the real ComfyUI: loaded by its own loaders
 and model detection (`tiny_flow`), sampled, trained through the node, their LoRAs loaded by LoraLoaderModelOnly."""
+import json
 import logging
 import math
 import os
@@ -117,14 +118,18 @@ def test_flow_family_trains_through_the_node_and_its_lora_loads_in_comfyui_with_
     model, clip, vae = flow_objects(family)
     cfg = FAMILIES[family][4]
     node = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTTrainLoRA"]()
+    usual = family == "flux_schnell"  # sampling_steps and cfg 0: the family's usual (schnell: 4 steps, cfg 1)
     with torch.inference_mode():
         out = node.train(model, clip, vae, rewards.builtin_reward("saturation"), "\n".join(PROMPTS), "",
-                         variant="draft-lv", training_steps=2, sampling_steps=2, cfg=cfg, width=64, height=64,
-                         batch_size=1, learning_rate=0.05, rank=4, seed=0, lora_name=f"draft_{family}")
+                         variant="draft-lv", training_steps=2, sampling_steps=0 if usual else 2,
+                         cfg=0.0 if usual else cfg, width=64, height=64, batch_size=1, learning_rate=0.05, rank=4,
+                         seed=0, lora_name=f"draft_{family}")
     patched, path, _, final_reward = out["result"]
     assert math.isfinite(final_reward)
     state_dict, metadata = load_kohya_file(path)
     assert metadata["ss_base_model_version"] == FAMILIES[family][2]
+    config = json.loads(metadata["comfy_draft_config"])
+    assert (config["sampling_steps"], config["cfg"]) == ((4, 1.0) if usual else (2, cfg))
     modules = {k.rsplit(".", 2)[0] for k in state_dict}
     assert all(m.startswith(tuple("lora_unet_" + p for p in FAMILIES[family][3])) for m in modules), sorted(modules)
 

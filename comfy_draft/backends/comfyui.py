@@ -176,6 +176,15 @@ def native_size(model):
     return 768 if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION) else 512
 
 
+def usual_steps_and_cfg(model):
+    """The sampling steps and cfg of the family's usual workflow: the flow families' (`FLOW_FAMILIES`), else the
+    trainer's defaults (SD: 50 and 7.5, as in the DRaFT paper)."""
+    from ..trainer import TrainConfig
+
+    family = flow_family(model)
+    return (family.steps, family.cfg) if family else (TrainConfig.sampling_steps, TrainConfig.cfg)
+
+
 def with_size(cond, height, width):
     """SDXL's size conditioning: original and target size = the image size, no crop (as CLIPTextEncodeSDXL sets
     it; without it ComfyUI assumes 768). Other models ignore these fields."""
