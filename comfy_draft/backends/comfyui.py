@@ -34,15 +34,13 @@ class FlowFamily:
                      # (adaLN: the largest linears of each block, 6 x hidden^2, driven by the timestep, not the image)
 
 
+FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")  # double blocks' image and text streams, single blocks
 FLOW_FAMILIES = (
     FlowFamily("SD3 / SD3.5", (comfy.supported_models.SD3,), "sd3", 28, 4.5,
                ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")),
-    FlowFamily("Flux.1 dev", (comfy.supported_models.Flux,), "flux1", 20, 1.0,
-               ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
-    FlowFamily("Flux.1 schnell", (comfy.supported_models.FluxSchnell,), "flux1", 4, 1.0,
-               ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-                "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
+    FlowFamily("Flux.1 dev", (comfy.supported_models.Flux,), "flux1", 20, 1.0, FLUX_TARGETS),
+    FlowFamily("Flux.1 schnell", (comfy.supported_models.FluxSchnell,), "flux1", 4, 1.0, FLUX_TARGETS),
     FlowFamily("Z-Image", (comfy.supported_models.ZImage,), "z_image", 8, 1.0,
                ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
 )
