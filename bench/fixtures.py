@@ -423,13 +423,14 @@ def tensor_bytes(*modules):
 
 
 def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="call", lv_samples=2, lv_batched=False,
-            rank=8, dtype=torch.bfloat16):
+            rank=8, dtype=torch.bfloat16, reward_resolution=None):
     """Peak bytes of one DRaFT-LV step (batch 1): a dict of its parts (see accounting.py's docstring).
 
     decode: "blocks" (per image, each decoder block checkpointed), "whole" (the decoder as one checkpoint, the
     previous path) or "off". unet_checkpoint: "call" (each guided call), "blocks" (each UNet block inside each
     call) or "off".
-    lv_batched: the n re-noised copies as one guided call of batch n.
+    lv_batched: the n re-noised copies as one guided call of batch n. reward_resolution: the reward's image decoded
+    at this side (the latent resized first, as `Trainer.for_reward` does); None: at `resolution`.
     """
     from comfy_draft import blockwise
     from comfy_draft.memory import LiveBytes
@@ -463,6 +464,9 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
             return vae.decode(z.to(dtype)).float()
 
         def decode_images(x0):
+            if reward_resolution:
+                side = reward_resolution // f
+                x0 = torch.nn.functional.interpolate(x0, size=(side, side), mode="bilinear", antialias=True)
             if decode == "blocks":
                 blocks = blockwise.blocks(vae.decoder, blockwise.DECODER_BLOCKS)
                 images = blockwise.per_image(decode_one, x0, blocks)
@@ -499,7 +503,8 @@ def account(name, resolution, lora="bypass", decode="blocks", unet_checkpoint="c
     training = 4 * lora_bytes  # fp32 weights, gradients, AdamW's two moments
     peak = max(prefix.peak, step.peak)
     split = {k: int(v) for k, v in step.at_peak.items()}
-    return {"model": name, "resolution": resolution, "dtype": str(dtype).replace("torch.", ""), "lora": lora,
+    return {"model": name, "resolution": resolution, "reward_resolution": reward_resolution or resolution,
+            "dtype": str(dtype).replace("torch.", ""), "lora": lora,
             "decode": decode, "unet_checkpoint": unet_checkpoint, "lv_samples": lv_samples, "lv_batched": lv_batched,
             "weights": weights, "training": training, "prefix_transient": prefix.peak, "step_live_peak": step.peak,
             "step_split_at_peak": split, "decoder_alone": decoder.peak, "total": weights + training + peak}
@@ -513,11 +518,142 @@ def describe(r):
             f"prefix transient {r['prefix_transient'] / GIB:.2f}; decoder alone {r['decoder_alone'] / GIB:.2f}")
 
 
-def account_setup(model, setup):
+def account_setup(model, setup, reward_resolution=None):
     """`account` of architecture `model` at its real resolution in the SETUPS configuration `setup` (a SETUPS name
     or a short alias), printed; the row carries the SETUPS name as "config"."""
     setup = setup_name(setup)
-    r = account(model, RESOLUTION["real"][model], **SETUPS[setup])
+    r = account(model, RESOLUTION["real"][model], **SETUPS[setup], reward_resolution=reward_resolution)
     r["config"] = setup
     print(describe(r), flush=True)
     return r
+
+
+# ----- flow models by tensor accounting ---------------------------------------------------------------
+# Real-size configs as ComfyUI's model detection reads the published files, with each family's text tokens (what its
+# encoders hand the model: T5's 512 for Flux dev, CLIP-L/G 77 + T5 77 for SD3.5, a typical Qwen3 prompt for Z-Image).
+FLOW_ARCHITECTURES = {
+    "flux-dev": ("Flux", dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768,
+                              context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19,
+                              depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                              qkv_bias=True, guidance_embed=True, txt_ids_dims=[]), (512, 4096, 768), 1.0),
+    "sd3.5-medium": ("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=24, adm_in_channels=2048,
+                                 input_size=None, num_patches=147456, pos_embed_max_size=384, qk_norm="rms",
+                                 x_block_self_attn_layers=list(range(13)), pos_embed_scaling_factor=None,
+                                 context_embedder_config={"target": "torch.nn.Linear",
+                                                          "params": {"in_features": 4096, "out_features": 1536}}),
+                     (154, 4096, 2048), 4.5),
+    "z-image": ("ZImage", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560,
+                               n_layers=30, n_refiner_layers=2, qk_norm=True, n_heads=30, n_kv_heads=30,
+                               axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+                               ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
+                               pad_tokens_multiple=32), (128, 2560, None), 1.0),
+}
+
+
+@contextlib.contextmanager
+def flow_gpu_attention():
+    """`gpu_attention`, also for the flow models' own imports of ComfyUI's attention, under ComfyUI's in_training
+    flag (the eager RoPE and q/k norms training runs: `backends.comfyui.in_training`)."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    from comfy_draft.backends.comfyui import in_training
+
+    def unmasked(q, k, v, heads, mask=None, **kwargs):  # no padding in these prompts: the mask is all ones
+        return attention.attention_pytorch(q, k, v, heads, **kwargs)
+    saved = flux_math.optimized_attention, mmdit.optimized_attention, lumina.optimized_attention_masked
+    flux_math.optimized_attention = mmdit.optimized_attention = attention.attention_pytorch
+    lumina.optimized_attention_masked = unmasked
+    try:
+        with gpu_attention(), in_training():
+            yield
+    finally:
+        flux_math.optimized_attention, mmdit.optimized_attention, lumina.optimized_attention_masked = saved
+
+
+def account_flow(name, resolution=1024, reward_resolution=512, fp8=False, unet_checkpoint="blocks", lv_samples=2,
+                 rank=8, dtype=torch.bfloat16):
+    """Peak bytes of one DRaFT-LV step (batch 1) of flow model `name` (FLOW_ARCHITECTURES), as `account` counts an SD
+    step: bf16 compute, weights in bf16 or (fp8) float8 e4m3fn cast per op as ComfyUI's manual-cast ops do, the
+    reward's image decoded at `reward_resolution` (the latent resized first, as `Trainer.for_reward` does), each
+    decoder block recomputed, the guided calls recomputed per call or per transformer block."""
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from tiny_models import SD_VAE
+
+    from comfy_draft import blockwise
+    from comfy_draft.backends.comfyui import FLOW_FAMILIES
+    from comfy_draft.lora import LoRASet, attach
+    from comfy_draft.memory import LiveBytes
+    from comfy_draft.sampling import recomputed
+
+    class_name, unet_config, (tokens, width, pooled), cfg = FLOW_ARCHITECTURES[name]
+    config = getattr(comfy.supported_models, class_name)(dict(unet_config))
+    config.set_inference_dtype(torch.float8_e4m3fn if fp8 else dtype, dtype if fp8 else None)
+    with flow_gpu_attention():
+        with torch.device("meta"):
+            unet = config.get_model({}, device="meta").diffusion_model
+            vae = AutoencoderKL(ddconfig=dict(SD_VAE, z_channels=16), embed_dim=16)
+            reward = aesthetic_reward("real")
+        vae.encoder = None
+        for m in (vae, reward):
+            m.to(dtype)
+        for m in (unet, vae, reward):
+            m.requires_grad_(False).eval()
+        family = next(f for f in FLOW_FAMILIES if class_name in (c.__name__ for c in f.configs))
+        suffixes = tuple("." + t for t in family.targets)
+        targets = {n: m for n, m in unet.named_modules() if n.endswith(suffixes) and isinstance(m, torch.nn.Linear)}
+        with torch.device("meta"):
+            loras = LoRASet({n.replace(".", "_"): m.weight.shape for n, m in targets.items()}, rank)
+        for n, m in targets.items():
+            attach(m, loras[n.replace(".", "_")])
+        latent = (1, 16, resolution // 8, resolution // 8)
+        calls = 2 if cfg != 1.0 else 1  # cond and uncond in one batch; guidance-distilled: one pass
+
+        def guided(x, sigma):
+            b = x.shape[0] * calls
+            context = torch.empty(b, tokens, width, device="meta", dtype=dtype)
+            extra = {"y": torch.empty(b, pooled, device="meta", dtype=dtype)} if pooled else {}
+            if class_name == "Flux":
+                extra["guidance"] = torch.empty(b, device="meta")
+            if class_name == "ZImage":
+                extra["num_tokens"] = tokens
+            v = unet(torch.cat([x] * calls).to(dtype), torch.empty(b, device="meta"), context, **extra).float()
+            v = v if calls == 1 else v.chunk(2)[0] + cfg * (v.chunk(2)[1] - v.chunk(2)[0])
+            return x - sigma * v
+
+        call = blockwise.within(guided, blockwise.blocks(unet, blockwise.UNET_BLOCKS)) \
+            if unet_checkpoint == "blocks" else guided
+
+        def model(x, sigma):
+            return recomputed(call, x, sigma, enabled=unet_checkpoint != "off")
+
+        side = reward_resolution // 8
+        decoder_blocks = blockwise.blocks(vae.decoder, blockwise.DECODER_BLOCKS)
+
+        def decode_images(x0):
+            x0 = torch.nn.functional.interpolate(x0, size=(side, side), mode="bilinear", antialias=True)
+            images = blockwise.per_image(lambda z: vae.decode(z.to(dtype)).float(), x0, decoder_blocks)
+            return ((images + 1) / 2).clamp(0, 1)
+
+        sigma = torch.tensor(0.05)
+        prefix = LiveBytes()
+        with torch.no_grad(), prefix:
+            model(torch.empty(latent, device="meta"), sigma)
+        step = LiveBytes()
+        with torch.enable_grad(), step, tagging(step, unet=unet, decode=vae, reward=reward):
+            x0 = torch.empty(latent, device="meta")
+            x0s = [model((1 - sigma) * x0 + sigma * torch.empty(latent, device="meta"), sigma)
+                   for _ in range(lv_samples)]
+            rewards = torch.stack([reward(decode_images(x), ["a prompt"]).float() for x in x0s])
+            step.phase = "backward"
+            (-rewards.sum()).backward()
+    weights = tensor_bytes(unet, vae, reward)
+    training = 4 * sum(p.numel() * 4 for p in loras.parameters())
+    return {"model": name, "resolution": resolution, "reward_resolution": reward_resolution,
+            "storage": "fp8_e4m3fn" if fp8 else str(dtype).replace("torch.", ""), "unet_checkpoint": unet_checkpoint,
+            "lv_samples": lv_samples, "weights": weights, "training": training, "prefix_transient": prefix.peak,
+            "step_live_peak": step.peak, "step_split_at_peak": {k: int(v) for k, v in step.at_peak.items()},
+            "total": weights + training + max(prefix.peak, step.peak)}
