@@ -182,17 +182,23 @@ def test_unsupported_models_and_ddpo_on_flow_are_refused_before_any_work(comfyui
         Trainer(TrainingBackend(model, clip, vae), rewards.builtin_reward("saturation"), config)
 
 
-def test_prompts_with_attention_masks_batch_only_at_equal_length(comfyui):
-    """Z-Image's text joins its image tokens in one attention: repeating tokens to a common length (ComfyUI's way,
-    exact for cross-attention) would change it, so such prompts batch only when their lengths match."""
-    from comfy_draft.backends.comfyui import batch_conditioning
+def test_flow_prompts_batch_only_at_equal_token_length(comfyui, flow_objects):
+    """A flow model's text tokens share one attention with its image tokens: repeating tokens to a common length
+    (ComfyUI's way, exact for SD's cross-attention) would change the samples, so such prompts batch only when their
+    lengths match; SD's still repeat."""
+    from comfy_draft.backends.comfyui import SamplingBackend, batch_conditioning
 
     def cond(tokens):
         return [[torch.randn(1, tokens, 8), {"attention_mask": torch.ones(1, tokens)}]]
-    batched = batch_conditioning([cond(5), cond(5)])
+    batched = batch_conditioning([cond(5), cond(5)], repeat=False)
     assert batched[0][0].shape == (2, 5, 8) and batched[0][1]["attention_mask"].shape == (2, 5)
+    sd = [[[torch.randn(1, n, 8), {}]] for n in (2, 3)]  # SD's cross-attention: repeated to 6 tokens
+    assert batch_conditioning(sd)[0][0].shape == (2, 6, 8)
+    model, clip, vae = flow_objects("zimage")
+    backend = SamplingBackend(model, clip, vae)
+    backend._prompt_cache.update({"short": cond(5), "long": cond(7)})
     with pytest.raises(ValueError, match="batch_size 1"):
-        batch_conditioning([cond(5), cond(7)])
+        backend.encode(["short", "long"])
 
 
 def test_training_through_fp8_stored_weights_gives_the_gradient_of_their_values(comfyui, flow_objects):

@@ -190,19 +190,20 @@ def with_size(cond, height, width):
     return cond
 
 
-def batch_conditioning(conds):
-    """One CONDITIONING for a batch from per-prompt ones; token lengths are brought to their least
-    common multiple by repetition, as ComfyUI batches conds (attention is unchanged by it)."""
+def batch_conditioning(conds, repeat=True):
+    """One CONDITIONING for a batch from per-prompt ones. Token lengths are brought to their least common multiple by
+    repetition, as ComfyUI batches conds: exact for cross-attention (SD), not for the flow models, whose text tokens
+    share one attention with the image's (a repeated token weighs more there); for them (`repeat` False) prompts of
+    different token lengths are an error."""
     tensors = [c[0][0] for c in conds]
+    if not repeat and len({t.shape[1] for t in tensors}) > 1:
+        raise ValueError("prompts of different token lengths cannot share a batch on this model (its text and image "
+                         "tokens share one attention): train with batch_size 1, held-out prompts of one length")
     length = math.lcm(*(t.shape[1] for t in tensors))
     extra = dict(conds[0][0][1])
-    if "pooled_output" in extra:
-        extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
-    if "attention_mask" in extra:  # Z-Image's text: its tokens join the image's in one attention, so no repetition
-        if len({t.shape[1] for t in tensors}) > 1:
-            raise ValueError("this model's prompts of different token lengths cannot share a batch: train it with "
-                             "batch_size 1 (each step still draws from all the prompts)")
-        extra["attention_mask"] = torch.cat([c[0][1]["attention_mask"] for c in conds])
+    for key in ("pooled_output", "attention_mask"):
+        if key in extra:
+            extra[key] = torch.cat([c[0][1][key] for c in conds])
     return [[torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors]), extra]]
 
 
@@ -231,7 +232,7 @@ class SamplingBackend:
                     # normal (non-inference) copies: to_k/to_v save their input for backward
                     self._prompt_cache[p] = [[cond[0][0].clone(),
                                               {k: v.clone() if torch.is_tensor(v) else v for k, v in cond[0][1].items()}]]
-        return batch_conditioning([self._prompt_cache[p] for p in prompts])
+        return batch_conditioning([self._prompt_cache[p] for p in prompts], repeat=not self.flow)
 
     def latent_shape(self, batch, height, width):
         f = self.latent_format.spacial_downscale_ratio
