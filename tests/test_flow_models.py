@@ -233,3 +233,29 @@ def test_training_through_fp8_stored_weights_gives_the_gradient_of_their_values(
         grads[storage] = torch.cat([torch.cat([lo.up.grad.flatten(), lo.down.grad.flatten()]) for lo in loras.values()])
     assert grads["default"].abs().max() > 0
     torch.testing.assert_close(grads["fp8_e4m3fn"], grads["default"], rtol=0, atol=0)
+
+
+def test_flux_lora_loads_in_diffusers_with_every_module_converted(comfyui, tmp_path):
+    """diffusers' converter for kohya Flux LoRAs (`FluxPipeline.lora_state_dict`) maps every module of a LoRA file
+    the pack writes for Flux.1 dev onto diffusers' Flux transformer: the fused qkv split into to_q/k/v, the single
+    blocks' linear1 into q/k/v and the MLP, every converted key a Linear of the transformer. At real size (the
+    converter's splits assume Flux's widths): both models on the meta device, the LoRA at rank 1."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from tiny_flow import TINY_FLUX
+
+    from comfy_draft.backends.comfyui import FLUX_TARGETS
+    from comfy_draft.lora import LoRASet, kohya_name
+    real = dict(TINY_FLUX, hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38)
+    with torch.device("meta"):
+        flux = Flux(**real, guidance_embed=True, operations=comfy.ops.disable_weight_init)
+        transformer = FluxTransformer2DModel(guidance_embeds=True)  # Flux.1 dev's defaults
+    suffixes = tuple("." + t for t in FLUX_TARGETS)
+    shapes = {kohya_name(n): m.weight.shape for n, m in flux.named_modules() if n.endswith(suffixes)}
+    path = LoRASet(shapes, rank=1).save(tmp_path / "flux.safetensors")
+    converted = {k.split(".lora_")[0].removeprefix("transformer.") for k in FluxPipeline.lora_state_dict(str(path))}
+    linears = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert converted <= linears, sorted(converted - linears)
+    # image and text streams of each double block: q, k, v, out, 2 MLP; each single block: q, k, v, MLP in, out
+    assert len(converted) == 19 * 12 + 38 * 5, len(converted)
