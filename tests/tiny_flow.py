@@ -32,8 +32,21 @@ TINY_ZIMAGE = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256,
 TEXT = {"flux": (256, 4096, 768), "sd3": (154, 4096, 2048), "zimage": (32, 2560, None)}
 
 
+def seeded_(module, seed):
+    """`reinit_`, and the floating-point buffers too: some are allocated with torch.empty (MMDiT's pos_embed) and
+    would otherwise be whatever memory held, NaN now and then."""
+    g = torch.Generator().manual_seed(seed)
+    reinit_(module, g)
+    with torch.no_grad():
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+    return module
+
+
 def save(sd, path):
     from safetensors.torch import save_file
+    assert all(v.float().isfinite().all() for v in sd.values()), f"{path.name}: non-finite values"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp))
@@ -44,12 +57,11 @@ def save(sd, path):
 def tiny_flux_file(guidance=True, seed=0):
     """A Flux.1 dev (`guidance`: with guidance_in) or schnell diffusion-model file, in BFL's key layout (RMSNorm
     weights named `.scale`)."""
-    path = CACHE / f"tiny_flux_{'dev' if guidance else 'schnell'}_seed{seed}.safetensors"
+    path = CACHE / f"tiny_flux_{'dev' if guidance else 'schnell'}_buffers_seed{seed}.safetensors"
     if not path.exists():
         import comfy.ops
         from comfy.ldm.flux.model import Flux
-        model = reinit_(Flux(**TINY_FLUX, guidance_embed=guidance, operations=comfy.ops.disable_weight_init),
-                        torch.Generator().manual_seed(seed))
+        model = seeded_(Flux(**TINY_FLUX, guidance_embed=guidance, operations=comfy.ops.disable_weight_init), seed)
         save({k[:-len(".weight")] + ".scale" if k.endswith("_norm.weight") else k: v
               for k, v in model.state_dict().items()}, path)
     return path
@@ -59,7 +71,7 @@ def tiny_flux_fp8_values_file(seed=0):
     """`tiny_flux_file()` with every tensor rounded to float8 e4m3fn (stored as bf16, which holds those exactly): the
     same values UNETLoader's `fp8_e4m3fn` storage keeps, so a model loaded from it at full precision is the fp8 one's
     reference."""
-    path = CACHE / f"tiny_flux_dev_fp8_values_seed{seed}.safetensors"
+    path = CACHE / f"tiny_flux_dev_fp8_values_buffers_seed{seed}.safetensors"
     if not path.exists():
         from safetensors.torch import load_file
         save({k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(tiny_flux_file(True, seed))).items()}, path)
@@ -69,12 +81,11 @@ def tiny_flux_fp8_values_file(seed=0):
 def tiny_sd35_file(seed=0):
     """An SD3.5-Medium-layout MMDiT diffusion-model file (the keys of Stability's sd3.5 files without the
     `model.diffusion_model.` prefix, as ComfyUI's split diffusion models are)."""
-    path = CACHE / f"tiny_sd35_seed{seed}.safetensors"
+    path = CACHE / f"tiny_sd35_buffers_seed{seed}.safetensors"
     if not path.exists():
         import comfy.ops
         from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
-        model = reinit_(OpenAISignatureMMDITWrapper(**TINY_SD35, operations=comfy.ops.disable_weight_init),
-                        torch.Generator().manual_seed(seed))
+        model = seeded_(OpenAISignatureMMDITWrapper(**TINY_SD35, operations=comfy.ops.disable_weight_init), seed)
         save(model.state_dict(), path)
     return path
 
@@ -89,7 +100,7 @@ def tiny_zimage(seed=0, disable_dynamic=True):
     config = comfy.supported_models.ZImage(TINY_ZIMAGE)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
-    reinit_(model.diffusion_model, torch.Generator().manual_seed(seed))
+    seeded_(model.diffusion_model, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     patcher.cached_patcher_init = (tiny_zimage, (seed,))
