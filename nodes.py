@@ -858,3 +858,188 @@ NODE_DISPLAY_NAME_MAPPINGS.update({
     "DRaFTAIGSampler": "DRaFT AIG Sampler",
     "DRaFTAIGSweep": "DRaFT AIG Sweep",
 })
+
+
+# ----- inverse noise correction (comfy_draft/correction.py) ----------------------------------------------------------
+
+# models/noise_correctors: corrector files (DRaFT Train Noise Corrector writes them, DRaFT Load Noise Corrector reads).
+if "noise_correctors" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["noise_correctors"] = (
+        [os.path.join(folder_paths.models_dir, "noise_correctors")], {".safetensors"})
+
+
+def interrupting_bar(total, node_id=None):
+    """A progress callback: ComfyUI's progress bar and its interrupt check (which raises)."""
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def update(done):
+        bar.update_absolute(done, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return update
+
+
+class DRaFTInvertToNoise:
+    DESCRIPTION = ("Inverts images to the noise that the deterministic sampler (DDIM on SD models, Euler on flow "
+                   "models, as DRaFT DDIM Sampler) turns into them, with this model, conditioning, steps and cfg: "
+                   "each step undone exactly on the same step grid (backward Euler by fixed-point iteration). The "
+                   "noises train a DRaFT Train Noise Corrector; the node reports how closely sampling from them "
+                   "returns the images.")
+    CATEGORY = "DRaFT/noise correction"
+    FUNCTION = "invert"
+    RETURN_TYPES = ("INVERTED_NOISE",)
+    RETURN_NAMES = ("inverted_noise",)
+    OUTPUT_NODE = True
+    INPUT_IS_LIST = True  # a folder's images (Load Image (from Folder) -> VAE Encode) come as a list of latents
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose sampler will start from the corrected noise."}),
+            "positive": ("CONDITIONING", {"tooltip": "The conditioning you will sample with (one for all images)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative conditioning you will sample with."}),
+            "latent": ("LATENT", {"tooltip": "The images to invert, encoded by VAE Encode: a batch, or a list "
+                                             "(Load Image (from Folder)); all of one size."}),
+            "steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                              "tooltip": "Sampling steps; the corrector belongs to this step count. 0: the model's "
+                                         f"usual ({USUAL})."}),
+            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "The cfg you will sample with (low cfg inverts more exactly). 0: the "
+                                         "model's usual."}),
+            "iterations": ("INT", {"default": 30, "min": 1, "max": 1000,
+                                   "tooltip": "Most fixed-point iterations per step."}),
+            "tolerance": ("FLOAT", {"default": 1e-5, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                    "tooltip": "A step is solved when no image changes by more than this, relative "
+                                               "to its norm, in one iteration."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096, "tooltip": "Images inverted at once."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def invert(self, model, positive, negative, latent, steps, cfg, iterations, tolerance, batch_size, unique_id=None):
+        from .comfy_draft import correction
+        (model, positive, negative, steps, cfg, iterations, tolerance, batch_size, unique_id) = (
+            v[0] if isinstance(v, list) else v
+            for v in (model, positive, negative, steps, cfg, iterations, tolerance, batch_size, unique_id))
+        usual_steps, usual_cfg = backend.usual_steps_and_cfg(model)
+        steps, cfg = steps or usual_steps, cfg or usual_cfg
+        sampler = backend.ConditionedSampler(model, positive, negative)
+        latents = [backend.prepare_latent(model, item).float() for item in latent]
+        if len({tuple(x.shape[1:]) for x in latents}) > 1:
+            raise ValueError(f"the images to invert differ in size ({sorted({tuple(x.shape[2:]) for x in latents})} "
+                             "latent pixels): resize them to one size first")
+        clean = sampler.latent_format.process_in(torch.cat(latents))
+        total = len(backend.sampling_sigmas(model, steps)) - 1
+        bar = interrupting_bar(total * -(-len(clean) // batch_size), unique_id)
+        noise, sigmas, residual = correction.invert_latents(
+            sampler, clean, [None] * len(clean), cfg=cfg, steps=steps, batch_size=batch_size, iterations=iterations,
+            tolerance=tolerance, callback=lambda d: bar(d["batch"] * total + d["i"] + 1))
+        returned = sampler.latent_format.process_in(
+            correction.sample_latents(sampler, noise, [None] * len(noise), cfg=cfg, steps=steps, batch_size=batch_size))
+        error = correction.relative_error(returned, clean)
+        info = {"model": type(model.model.model_config).__name__, "steps": steps, "cfg": cfg, "images": len(noise),
+                "residual": residual, "round_trip_error": error}
+        text = (f"{len(noise)} image(s) inverted in {steps} steps at cfg {cfg:g}: largest fixed-point residual "
+                f"{residual:.2g}; sampling from the noises returns the latents within {error:.2g} (relative)")
+        return {"ui": {"text": [text]}, "result": ((noise, sigmas, info),)}
+
+
+class DRaFTTrainNoiseCorrector:
+    DESCRIPTION = ("Trains a noise corrector: a small flow model that turns Gaussian noise into noise distributed as "
+                   "the inverted images' noise (the P-GRAFT paper's inverse noise correction). Saved under "
+                   "models/noise_correctors; DRaFT Corrected Noise draws from it.")
+    CATEGORY = "DRaFT/noise correction"
+    FUNCTION = "train"
+    RETURN_TYPES = ("NOISE_CORRECTOR",)
+    RETURN_NAMES = ("noise_corrector",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "inverted_noise": ("INVERTED_NOISE", {"tooltip": "From DRaFT Invert To Noise."}),
+            "training_steps": ("INT", {"default": 2000, "min": 1, "max": 1000000, "tooltip": "Optimizer steps."}),
+            "width": ("INT", {"default": 32, "min": 8, "max": 512, "step": 8,
+                              "tooltip": "Channels of the corrector's UNet (its size grows with the square)."}),
+            "batch_size": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Noises per optimizer step."}),
+            "learning_rate": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False,
+                                        "tooltip": "AdamW's, decayed to 0 over the steps (cosine)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "The corrector's initial weights and training draws: same seed, same file."}),
+            "filename": ("STRING", {"default": "corrector", "tooltip": "File name under models/noise_correctors "
+                                                                       "(a counter is added: never overwrites)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # training writes a file: never taken from the cache
+
+    def train(self, inverted_noise, training_steps, width, batch_size, learning_rate, seed, filename, unique_id=None):
+        from .comfy_draft import correction
+        noise, sigmas, info = inverted_noise
+        bar = interrupting_bar(training_steps, unique_id)
+        with torch.inference_mode(False):
+            device = comfy.model_management.get_torch_device()
+            corrector = correction.train_corrector(noise.clone().to(device), width, training_steps, batch_size,
+                                                   learning_rate, seed, lambda step, loss: bar(step + 1)).cpu()
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(
+            filename, folder_paths.get_folder_paths("noise_correctors")[0])
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        correction.save_corrector(path, corrector, sigmas, info)
+        text = f"{os.path.basename(path)}: for {info['model']}, {info['steps']} steps, cfg {info['cfg']:g}"
+        return {"ui": {"text": [text]}, "result": ((corrector, sigmas, info),)}
+
+
+class DRaFTLoadNoiseCorrector:
+    DESCRIPTION = "Loads a noise corrector from models/noise_correctors (DRaFT Train Noise Corrector's files)."
+    CATEGORY = "DRaFT/noise correction"
+    FUNCTION = "load"
+    RETURN_TYPES = ("NOISE_CORRECTOR",)
+    RETURN_NAMES = ("noise_corrector",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"corrector_name": (folder_paths.get_filename_list("noise_correctors"),
+                                                {"tooltip": "A file in models/noise_correctors."})}}
+
+    def load(self, corrector_name):
+        from .comfy_draft import correction
+        try:
+            return (correction.load_corrector(folder_paths.get_full_path_or_raise("noise_correctors", corrector_name)),)
+        except ValueError as e:
+            raise ValueError(f"{corrector_name}: {e}") from None
+
+
+class DRaFTCorrectedNoise:
+    DESCRIPTION = ("A corrected NOISE for SamplerCustomAdvanced: the seed's Gaussian noise carried through a noise "
+                   "corrector, and the SIGMAS it belongs to (its inversion's step grid). Sample with the same model, "
+                   "conditioning and cfg as the inversion, the 'ddim' sampler on SD models or 'euler' on flow models.")
+    CATEGORY = "DRaFT/noise correction"
+    FUNCTION = "noise"
+    RETURN_TYPES = ("NOISE", "SIGMAS")
+    RETURN_NAMES = ("noise", "sigmas")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "noise_corrector": ("NOISE_CORRECTOR", {"tooltip": "From DRaFT Train or Load Noise Corrector."}),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                   "tooltip": "The Gaussian noise before correction (drawn as KSampler draws it)."}),
+            "corrector_steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                        "tooltip": "Euler steps of the corrector's own ODE."}),
+        }}
+
+    def noise(self, noise_corrector, noise_seed, corrector_steps):
+        corrector, sigmas, _ = noise_corrector
+        return (backend.CorrectedNoise(corrector, noise_seed, corrector_steps), sigmas.float())
+
+
+NODE_CLASS_MAPPINGS.update({
+    "DRaFTInvertToNoise": DRaFTInvertToNoise,
+    "DRaFTTrainNoiseCorrector": DRaFTTrainNoiseCorrector,
+    "DRaFTLoadNoiseCorrector": DRaFTLoadNoiseCorrector,
+    "DRaFTCorrectedNoise": DRaFTCorrectedNoise,
+})
+NODE_DISPLAY_NAME_MAPPINGS.update({
+    "DRaFTInvertToNoise": "DRaFT Invert To Noise",
+    "DRaFTTrainNoiseCorrector": "DRaFT Train Noise Corrector",
+    "DRaFTLoadNoiseCorrector": "DRaFT Load Noise Corrector",
+    "DRaFTCorrectedNoise": "DRaFT Corrected Noise",
+})

@@ -52,9 +52,14 @@ METHODS = {  # name -> TrainConfig overrides
     "AlignProp (random K)": dict(variant="alignprop"),
     **NO_GRADIENT_METHODS,
 }
+# The same methods, unchanged, on the rectified-flow digit model (same architecture and data; Euler sampling)
+FLOW_NO_GRADIENT_METHODS = {"P-GRAFT (t = 0.5), flow model": dict(variant="pgraft", pgraft_fraction=0.5,
+                                                                 model="digits-flow", **GRAFT)}
+METHODS.update({"DRaFT-LV (n=2), flow model": dict(variant="draft-lv", lv_samples=2, model="digits-flow"),
+                "DRaFT (full), flow model": dict(variant="draft", model="digits-flow"), **FLOW_NO_GRADIENT_METHODS})
 TABLES = {
     "differentiable": dict(methods=list(METHODS), file="quality", thresholds=(-20.5, -15.0, -10.0, -5.0, -2.0)),
-    "nondifferentiable": dict(methods=list(NO_GRADIENT_METHODS), file="quality_no_gradient",
+    "nondifferentiable": dict(methods=[*NO_GRADIENT_METHODS, *FLOW_NO_GRADIENT_METHODS], file="quality_no_gradient",
                               thresholds=(0.25, 0.5, 0.9)),
     "jpeg": dict(methods=list(NO_GRADIENT_METHODS), file="quality_jpeg", thresholds=(-0.83, -0.82, -0.80)),
 }
@@ -94,11 +99,13 @@ def task(table, args):
 
 
 def run_method(table, name, overrides, seed, args, judge):
+    overrides = dict(overrides)
+    model = overrides.pop("model", "digits")
     prompts, held_out, seeds, reward, target, cfg = task(table, args)
     batch, steps, queries_per_step = schedule(overrides, args, budget(table, args))
     config = TrainConfig(prompts=prompts, steps=steps, cfg=cfg, sampling_steps=args.sampling_steps, width=16,
                          height=16, seed=seed, weight_decay=0.0, **{"lr": args.lr, **overrides, "batch_size": batch})
-    backend = digits.load_backend()
+    backend = digits.load_backend("cpu", model)
     curve, eval_seconds = [], [0.0]
     trainer = Trainer(backend, reward, config)
     sampler = policy.sampler_for(config, trainer.loras)

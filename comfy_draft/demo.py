@@ -67,6 +67,8 @@ def verdict(scores, goal):
 def add_parser(sub):
     p = sub.add_parser("demo", help="DRaFT-LV on the bundled digit model (CPU, a few minutes)")
     p.add_argument("--out", default="demo_output", help="folder for the LoRA, reward curve, grids and log")
+    p.add_argument("--model", choices=["digits", "digits-flow"], default="digits",
+                   help="the bundled digit model: DDPM (sampled by DDIM) or rectified flow (sampled by Euler)")
     p.add_argument("--prompt-digit", type=int, default=3, help="the digit the prompts ask for")
     p.add_argument("--target", default="8", help="digit the reward wants, or 'prompted' for prompt alignment")
     # defaults: the setting of bench/results/hacking_robust_120steps.md whose samples stay digits (with the default
@@ -90,7 +92,7 @@ def main(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     target = None if args.target == "prompted" else int(args.target)
-    backend = digits.load_backend()
+    backend = digits.load_backend("cpu", args.model)
     eot, ensemble, kl_coef = CONTROLS[args.control]
     kl_coef = kl_coef if args.kl_coef is None else args.kl_coef
     train_reward = digits.robust_reward(target, eot, ensemble, seed=args.seed)

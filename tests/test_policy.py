@@ -191,7 +191,7 @@ def test_pgraft_trains_the_lora_only_above_t_and_samples_with_the_base_model_bel
     backend = tiny_pixel_backend(tmp_path)
     trainer = Trainer(backend, rewards.builtin_reward("brightness"),
                       config(variant="pgraft", pgraft_fraction=0.5, samples_per_prompt=2, inner_epochs=2, steps=2))
-    sigmas = backend.denoiser.ddim_sigmas(4)
+    sigmas = backend.denoiser.sampling_sigmas(4)
     switch = policy.lora_steps(0.5, 4)
     sigma_t = float(sigmas[switch])
     log = CallLog(backend, trainer.loras)
@@ -329,7 +329,7 @@ def test_pgraft_validation_samples_as_pgraft_infers_and_keeps_the_best(tmp_path)
     validator = Validator(ValidationConfig(prompts=["a yellow star"], seeds=[1, 2], every=1))
     trainer = Trainer(backend, rewards.builtin_reward("brightness"),
                       config(variant="pgraft", samples_per_prompt=2, steps=1), validator=validator)
-    sigma_t = float(backend.denoiser.ddim_sigmas(4)[policy.lora_steps(0.5, 4)])
+    sigma_t = float(backend.denoiser.sampling_sigmas(4)[policy.lora_steps(0.5, 4)])
     log = CallLog(backend, trainer.loras)
     trainer.train()
     assert [m["step"] for m in validator.history] == [0, 1] and "val_reward" in trainer.history[-1]

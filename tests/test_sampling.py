@@ -65,7 +65,7 @@ def _setup(steps, seed=0):
     denoiser = DiffusersDenoiser.from_scheduler(unet, sd_scheduler())
     cond, uncond = conds(1, torch.float64)
     model = guided(denoiser, cond, uncond, CFG)
-    sigmas = denoiser.ddim_sigmas(steps)
+    sigmas = denoiser.sampling_sigmas(steps)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * sigmas[0]
     weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
     w_out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

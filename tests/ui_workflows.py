@@ -308,10 +308,48 @@ def train_zimage_lora():
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}}, steps=8)
 
 
+def noise_correction():
+    """Inverse noise correction: a folder of 512 px images (ComfyUI's input/my_images) inverted to noise through SD1.5's
+    DDIM sampler, a corrector trained on the noises, then SamplerCustomAdvanced from corrected noise beside the same
+    sampler from plain noise of the same seed, on the inversion's step grid (the corrector's SIGMAS)."""
+    common = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0]}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor painting", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "my_images"}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "DRaFTInvertToNoise", "inputs": dict(common, latent=["5", 0], steps=50, cfg=3.0,
+                                                                iterations=30, tolerance=1e-5, batch_size=4)},
+        "7": {"class_type": "DRaFTTrainNoiseCorrector", "inputs": {
+            "inverted_noise": ["6", 0], "training_steps": 2000, "width": 32, "batch_size": 64, "learning_rate": 1e-3,
+            "seed": 0, "filename": "watercolor"}},
+        "8": {"class_type": "DRaFTCorrectedNoise", "inputs": {"noise_corrector": ["7", 0], "noise_seed": 1,
+                                                              "corrector_steps": 20}},
+        "9": {"class_type": "CFGGuider", "inputs": dict(common, cfg=3.0)},
+        "10": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "ddim"}},
+        "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 4}},
+        "15": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+    }
+    for first, noise in ((12, "8"), (16, "15")):
+        a, b, c = (str(first + i) for i in range(3))
+        prompt[a] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": [noise, 0], "guider": ["9", 0], "sampler": ["10", 0], "sigmas": ["8", 1], "latent_image": ["11", 0]}}
+        prompt[b] = {"class_type": "VAEDecode", "inputs": {"samples": [a, 0], "vae": ["1", 2]}}
+        prompt[c] = {"class_type": "PreviewImage", "inputs": {"images": [b, 0]}}
+    positions = {"1": (20, 60), "2": (400, 60), "3": (400, 260), "4": (20, 420), "5": (400, 460), "6": (760, 60),
+                 "7": (1120, 60), "8": (1480, 60), "9": (1120, 420), "10": (1120, 620), "11": (1120, 760),
+                 "15": (1480, 560), "12": (1840, 60), "13": (2200, 60), "14": (2560, 60), "16": (1840, 560),
+                 "17": (2200, 560), "18": (2560, 560)}
+    titles = {"14": "from corrected noise", "18": "from plain noise (same seed)"}
+    return prompt, positions, titles
+
+
 EXAMPLES = {"train_aesthetic_lora_draft_lv.json": train_aesthetic, "anneal_lora_strength.json": anneal_lora_strength,
             "score_images.json": score_images, "mix_two_loras.json": mix_loras,
             "lora_strength_sweep.json": strength_sweep, "pgraft_lora_above_t.json": pgraft_lora_above_t,
-            "train_flux_lora.json": train_flux_lora, "train_zimage_lora.json": train_zimage_lora}
+            "train_flux_lora.json": train_flux_lora, "train_zimage_lora.json": train_zimage_lora,
+            "noise_correction.json": noise_correction}
 
 
 def write_examples(classes, folder=REPO / "workflows"):

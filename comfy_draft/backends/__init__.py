@@ -27,6 +27,9 @@ class Backend(typing.Protocol):
         """x0 at noise level `sigma` (a number, or one per sample) with unit noise `eps`, by the model's own forward
         process: `sampling.noised` (x0 + sigma eps) for eps/v models, (1 - sigma) x0 + sigma eps for flow models."""
 
+    def latents_of(self, images: torch.Tensor) -> torch.Tensor:
+        """The model-space latents (what `decode` takes) of images (B, 3, H, W) in [0, 1] (noise correction)."""
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple:
         """The start-noise shape for `batch` images of height x width pixels."""
 

@@ -234,6 +234,10 @@ class SamplingBackend:
                                               {k: v.clone() if torch.is_tensor(v) else v for k, v in cond[0][1].items()}]]
         return batch_conditioning([self._prompt_cache[p] for p in prompts], repeat=not self.flow)
 
+    def latents_of(self, images):
+        """The model-space latents of images (B, 3, H, W) in [0, 1], by ComfyUI's VAE encode."""
+        return self.latent_format.process_in(self.vae.encode(images.movedim(1, -1)).float()).to(self.device)
+
     def latent_shape(self, batch, height, width):
         f = self.latent_format.spacial_downscale_ratio
         return (batch, self.latent_format.latent_channels, height // f, width // f)
@@ -587,3 +591,38 @@ class AIGSamplingBackend(SamplingBackend):
         negative = with_size(self.encode([negative_prompt] * len(prompts)), height, width)
         return run_aig(self.model, self.lora_model, positive, negative, cfg, sigmas,
                        lambda b, m, x, s, cb: fn(Mixed(b, m, s, weights), x, s), torch.zeros(noise.shape), noise)
+
+
+# ----- inverse noise correction (correction.py) over a MODEL and its CONDITIONING -------------------------------------
+
+class ConditionedSampler:
+    """A MODEL with given CONDITIONING as `correction.invert_latents` and `sample_latents` run it: `run` as the
+    backends' (see `backends.Backend`), the prompts ignored. (ComfyUI repeats a cond of batch 1 to the batch.)"""
+
+    def __init__(self, model, positive, negative):
+        check_model(model)
+        self.model, self.positive, self.negative = model, positive, negative
+        self.latent_format = model.get_model_object("latent_format")
+
+    def run(self, fn, prompts, negative_prompt, cfg, noise, steps):
+        zero = self.latent_format.process_out(torch.zeros(noise.shape))  # an empty latent in the model's space
+        return run_guided(self.model, self.positive, self.negative, cfg, sampling_sigmas(self.model, steps),
+                          lambda m, x, s, callback: fn(m, x, s), zero, noise)
+
+
+class CorrectedNoise:
+    """A ComfyUI NOISE (what RandomNoise gives SamplerCustomAdvanced): the seed's Gaussian noise, drawn as KSampler
+    draws it, carried through a `correction.Corrector` in `steps` Euler steps."""
+
+    def __init__(self, corrector, seed, steps):
+        self.corrector, self.seed, self.steps = corrector, seed, steps
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        if tuple(samples.shape[1:]) != self.corrector.shape:
+            raise ValueError(f"this noise corrector was trained on noise of shape {self.corrector.shape}; the latent is "
+                             f"{tuple(samples.shape[1:])}: sample at the size it was inverted at")
+        z = comfy.sample.prepare_noise(samples, self.seed, input_latent.get("batch_index"))
+        device = comfy.model_management.get_torch_device()
+        corrector = copy.deepcopy(self.corrector).to(device)  # the node's output stays as it was (on the CPU)
+        return corrector.sample(z.to(device), self.steps).cpu()

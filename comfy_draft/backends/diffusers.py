@@ -1,8 +1,8 @@
-"""A diffusers UNet + its DDPM noise schedule -> the library's `model(x, sigma) -> x0_hat` interface.
+"""A diffusers UNet + its noise schedule -> the library's `model(x, sigma) -> x0_hat` interface.
 
 Used outside ComfyUI (Python, the command line) with the same sampler as the ComfyUI backend. Sigma
-space follows k-diffusion / ComfyUI: x = x_vp / sqrt(alpha_bar) = x0 + sigma * eps,
-sigma = sqrt((1 - alpha_bar) / alpha_bar).
+space follows k-diffusion / ComfyUI: for a DDPM schedule x = x_vp / sqrt(alpha_bar) = x0 + sigma * eps,
+sigma = sqrt((1 - alpha_bar) / alpha_bar); for a rectified flow (`FlowDenoiser`) x = (1 - sigma) x0 + sigma * eps.
 """
 import contextlib
 import functools
@@ -39,12 +39,18 @@ class DiffusersDenoiser(torch.nn.Module):
         w = ((log_sigmas[low] - sigma.log()) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
         return (1 - w) * low + w * (low + 1)
 
-    def ddim_sigmas(self, steps):
+    def sampling_sigmas(self, steps):
         """diffusers' DDIM 'leading' schedule with steps_offset 1 (ComfyUI's 'ddim_uniform'), then 0."""
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_grad_steps(0, steps)
         timesteps = torch.arange(steps - 1, -1, -1) * (len(self.sigmas) // steps) + 1
         return torch.cat([self.sigmas[timesteps], self.sigmas.new_zeros(1)])
+
+    @staticmethod
+    def start(noise, sigmas):
+        """x_T for unit Gaussian `noise` as diffusers starts DDIM (x_T = noise in DDPM space)."""
+        return noise * (1 + sigmas[0] ** 2).sqrt()
+
+    noised = staticmethod(noised)
 
     def forward(self, x, sigma, encoder_hidden_states, **unet_kwargs):
         s = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
@@ -54,6 +60,52 @@ class DiffusersDenoiser(torch.nn.Module):
         if self.prediction_type == "epsilon":
             return x - s * out
         return x * scale ** 2 - out * s * scale  # v-prediction
+
+
+class FlowDenoiser(torch.nn.Module):
+    """Wraps a diffusers UNet that predicts a rectified flow's velocity v = eps - x0 at timestep 1000 sigma (as
+    diffusers' FlowMatchEulerDiscreteScheduler and SD3 feed it) as an x0 predictor: x0_hat = x - sigma v."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    @classmethod
+    def from_scheduler(cls, unet, scheduler):
+        if scheduler.config.shift != 1.0 or scheduler.config.use_dynamic_shifting:
+            raise ValueError("FlowDenoiser samples the unshifted rectified flow (shift 1, no dynamic shifting)")
+        return cls(unet)
+
+    def forward(self, x, sigma, encoder_hidden_states, **unet_kwargs):
+        s = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return x - s * self.unet(x, sigma.to(x.dtype) * 1000, encoder_hidden_states=encoder_hidden_states,
+                                 **unet_kwargs).sample
+
+    @staticmethod
+    def sampling_sigmas(steps):
+        """The uniform grid 1 -> 0 (ComfyUI's 'simple' at shift 1): the Euler sampler of the flow's ODE."""
+        check_grad_steps(0, steps)
+        return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+
+    @staticmethod
+    def start(noise, sigmas):
+        return noise * sigmas[0]
+
+    @staticmethod
+    def noised(x0, sigma, eps):
+        """x0 at noise level `sigma` on the flow's straight path: (1 - sigma) x0 + sigma eps."""
+        if sigma.ndim:
+            sigma = sigma.reshape(-1, *[1] * (eps.ndim - 1))
+        return (1 - sigma) * x0 + sigma * eps
+
+
+def denoiser_for(unet, scheduler):
+    """The x0 predictor for a UNet trained with `scheduler`: a rectified flow for diffusers' flow-matching
+    schedulers, else the DDPM family's eps or v prediction."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowDenoiser.from_scheduler(unet, scheduler)
+    return DiffusersDenoiser.from_scheduler(unet, scheduler)
 
 
 def guided(denoiser, cond, uncond, cfg):
@@ -90,15 +142,10 @@ def cat_conditioning(conds):
 def sample(denoiser, cond, uncond, cfg, noise, steps, grad_steps=0, recompute=True, callback=None):
     """DDIM (eta = 0) from unit Gaussian `noise`, started as diffusers does (x_T = noise in DDPM
     space); returns x0 of the last step, differentiable in its last `grad_steps` steps."""
-    sigmas = denoiser.ddim_sigmas(steps).to(noise.device, noise.dtype)
+    sigmas = denoiser.sampling_sigmas(steps).to(noise.device, noise.dtype)
     check_grad_steps(grad_steps, steps)
-    return sample_ddim(guided(denoiser, cond, uncond, cfg), start_latent(noise, sigmas), sigmas, callback=callback,
+    return sample_ddim(guided(denoiser, cond, uncond, cfg), denoiser.start(noise, sigmas), sigmas, callback=callback,
                        grad_steps=grad_steps, recompute=recompute)
-
-
-def start_latent(noise, sigmas):
-    """x_T for unit Gaussian `noise` as diffusers starts DDIM (x_T = noise in DDPM space)."""
-    return noise * (1 + sigmas[0] ** 2).sqrt()
 
 
 def base_model_version(unet_config):
@@ -120,7 +167,9 @@ class TrainingBackend:
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, encode_prompts=None, device=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.unet = unet.to(self.device).requires_grad_(False)
-        self.denoiser = DiffusersDenoiser.from_scheduler(self.unet, scheduler)
+        self.denoiser = denoiser_for(self.unet, scheduler)
+        self.flow = isinstance(self.denoiser, FlowDenoiser)
+        self.noised = self.denoiser.noised
         self.vae = vae.to(self.device).requires_grad_(False) if vae is not None else None
         self.text_encoder = text_encoder.to(self.device).requires_grad_(False) if text_encoder is not None else None
         self.text_encoders = [self.text_encoder] if text_encoder is not None else []  # on the device, for estimates
@@ -129,9 +178,6 @@ class TrainingBackend:
         self.base_model_version = base_model_version(unet.config)
         self._prompt_cache = {}
         self.loras = None
-
-    flow = False
-    noised = staticmethod(noised)
 
     @classmethod
     def from_pipeline(cls, pipe, device=None):
@@ -187,6 +233,14 @@ class TrainingBackend:
                 self._prompt_cache[p] = select(cond, i, self.device)
         return cat_conditioning([self._prompt_cache[p] for p in prompts])
 
+    def latents_of(self, images):
+        """The model-space latents of images (B, 3, H, W) in [0, 1]: the VAE's mean, or in pixel space the
+        images in [-1, 1] (grey for a one-channel model)."""
+        x = images.to(self.device) * 2 - 1
+        if self.vae is None:
+            return x.mean(1, keepdim=True) if self.unet.config.in_channels == 1 else x
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float() * self.vae.config.scaling_factor
+
     def latent_shape(self, batch, height, width):
         f = self.vae_scale_factor
         return (batch, self.unet.config.in_channels, height // f, width // f)
@@ -216,8 +270,8 @@ class TrainingBackend:
             model = blockwise.within(model, blockwise.blocks(self.unet, blockwise.UNET_BLOCKS))
         if recompute:
             model = functools.partial(recomputed, model)
-        sigmas = self.denoiser.ddim_sigmas(steps).to(self.device, torch.float32)
-        return fn(model, start_latent(noise.to(self.device), sigmas), sigmas)
+        sigmas = self.denoiser.sampling_sigmas(steps).to(self.device, torch.float32)
+        return fn(model, self.denoiser.start(noise.to(self.device), sigmas), sigmas)
 
     def decode(self, x0, recompute=True):
         """Images in [0, 1]; with `recompute` the VAE decoder's blocks are recomputed in the backward pass."""
