@@ -931,8 +931,8 @@ class DRaFTInvertToNoise:
         noise, sigmas, residual = correction.invert_latents(
             sampler, clean, [None] * len(clean), cfg=cfg, steps=steps, batch_size=batch_size, iterations=iterations,
             tolerance=tolerance, callback=lambda d: bar(d["batch"] * total + d["i"] + 1))
-        returned = sampler.latent_format.process_in(
-            correction.sample_latents(sampler, noise, [None] * len(noise), cfg=cfg, steps=steps, batch_size=batch_size))
+        returned = correction.sample_latents(sampler, noise, [None] * len(noise), cfg=cfg, steps=steps,
+                                             batch_size=batch_size)  # in the model's space, as `clean`
         error = correction.relative_error(returned, clean)
         info = {"model": type(model.model.model_config).__name__, "steps": steps, "cfg": cfg, "images": len(noise),
                 "residual": residual, "round_trip_error": error}
