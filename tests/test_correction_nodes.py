@@ -30,7 +30,7 @@ def test_inverted_noise_returns_the_images_through_comfyuis_own_sampler(comfyui,
     with torch.inference_mode():
         model, positive, negative, latent = encoded(tiny_sd15)
         out = comfyui.nodes.NODE_CLASS_MAPPINGS["DRaFTInvertToNoise"]().invert(
-            [model], [positive], [negative], [latent], [20], [1.0], [30], [1e-4], [3])
+            [model], [positive], [negative], [latent], [20], [1.0], [30], [1e-5], [3])
         noise, sigmas, info = out["result"][0]
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
