@@ -441,7 +441,9 @@ def training_option_inputs():
             "default": "auto", "tooltip": "Recompute activations in the backward pass instead of keeping them: on "
                                          "(each UNet call and decoder block), blocks (also inside each UNet call: "
                                          "least memory), off (fastest), auto (the least recomputation that fits the "
-                                         "GPU by the memory estimate; on off the GPU)."}),
+                                         "GPU's memory, or on the CPU the free RAM, by the memory estimate; "
+                                         "none where it would save nothing). The choice and its reason are shown "
+                                         "after training."}),
         "lv_samples": ("INT", {"default": d.lv_samples, "min": 1, "max": 16,
                                "tooltip": "draft-lv: re-noised copies of the final latent per sample."}),
         "k": ("INT", {"default": d.grad_steps, "min": 1, "max": 1000,
@@ -629,6 +631,7 @@ class DRaFTTrainLoRA:
             curve = torch.from_numpy(plotting.curve_image(history, trainer.kept_step, floor)).float().div(255)[None]
         text = (f"{os.path.relpath(path, folder_paths.get_folder_paths('loras')[0])}: "
                 f"reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}")
+        text += f"\n{trainer.gradient_checkpointing_reason}"
         if variant == "pgraft":
             text += ("\nP-GRAFT: the model output has the LoRA at every step; sample as trained (LoRA above t, base "
                      "model below) with the DRaFT P-GRAFT Sampler or hook keyframes (workflows/pgraft_lora_above_t.json)")

@@ -178,7 +178,7 @@ def train_parser(sub):
     p.add_argument("--no-gradient-checkpointing", "--no-checkpointing", dest="gradient_checkpointing",
                    action="store_false", default="auto",
                    help="keep activations instead of recomputing them (faster, more memory; default: recompute "
-                        "only what the memory estimate says the GPU needs; --no-checkpointing: its name until 0.2)")
+                        "only what the memory estimate says the GPU, or the CPU's free RAM, needs; --no-checkpointing: its name until 0.2)")
     v = ValidationConfig(prompts=[""])
     p.add_argument("--val-prompts", nargs="+", help="held-out prompts: validate every --val-every steps")
     p.add_argument("--val-seeds", type=int, default=len(v.seeds), help="held-out samples per prompt")
@@ -247,7 +247,7 @@ def train(args):
     def describe(estimate):
         if not rank0:
             return
-        text = memory.describe(estimate)
+        text = f"{memory.describe(estimate)}; {trainer.gradient_checkpointing_reason}"
         if trainer.processes > 1:
             text = (f"{trainer.processes} processes on {backend.device.type}, {text} per process; global batch "
                     f"{config.batch_size} x {trainer.processes} x {config.accumulation}")

@@ -9,14 +9,18 @@ activations  what autograd keeps, counted by a probe: one UNet call, one VAE dec
              UNet call (or, with "blocks", one UNet block) or one image's decode is expanded at a time during
              backward, but every reward call of the step (n for DRaFT-LV) holds its activations.
 
-`choose_gradient_checkpointing` picks the checkpointing of TrainConfig's "auto" from these estimates.
+`choose_gradient_checkpointing` picks the checkpointing of TrainConfig's "auto" from these estimates and the device's
+`budget` (a GPU's memory, the CPU's available RAM).
 """
 import collections
+import os
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .policy import VARIANTS as ONE_CALL_VARIANTS  # they differentiate one model call at a time
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
 
@@ -156,38 +160,70 @@ def estimate(c, backend, reward, params, dtype=None, judges=(), gradient_checkpo
         per_image = two[key] - one[key]
         return one[key] - per_image + images * per_image * (area if scales else 1)
 
-    rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1
-    differentiated = {"draft": c.sampling_steps, "draft-k": c.grad_steps, "alignprop": c.sampling_steps}.get(c.variant, 1)
-    if gradient_checkpointing:  # inputs are kept; during backward one call is expanded, or one image's decode
-        unet = cost("unet_blocks") if gradient_checkpointing == "blocks" else cost("unet")
-        expanded = max(unet, cost("decode_recomputed", images=1))
+    if c.variant in ONE_CALL_VARIANTS:  # one model call with gradient at a time; samples, decode, reward without
+        images = c.batch_size * (c.accepted_per_prompt if c.variant != "ddpo" else 1)
+        activations = cost("unet_blocks" if gradient_checkpointing == "blocks" else "unet", images=images)
     else:
-        expanded = rewards_per_step * (differentiated * cost("unet") + cost("decode"))
-    activations = expanded + rewards_per_step * cost("reward", scales=False)
+        rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1
+        differentiated = {"draft": c.sampling_steps, "draft-k": c.grad_steps,
+                          "alignprop": c.sampling_steps}.get(c.variant, 1)
+        if gradient_checkpointing:  # inputs are kept; during backward one call is expanded, or one image's decode
+            unet = cost("unet_blocks") if gradient_checkpointing == "blocks" else cost("unet")
+            expanded = max(unet, cost("decode_recomputed", images=1))
+        else:
+            expanded = rewards_per_step * (differentiated * cost("unet") + cost("decode"))
+        activations = expanded + rewards_per_step * cost("reward", scales=False)
     weights = tensor_bytes([*backend.modules(), reward]) + tensor_bytes(judges, dtype)
     training = 4 * sum(p.numel() * 4 for p in params)
     return {"weights": weights, "training": training, "activations": int(activations),
             "total": int(weights + training + activations), "gradient_checkpointing": gradient_checkpointing}
 
 
-def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges=(), device_total=None):
-    """The gradient checkpointing a step runs with: `TrainConfig.gradient_checkpointing` when it is False or "blocks"; otherwise the
-    least recomputation whose estimate fits in 90% of the device's memory (`device_total` bytes, by default the
-    CUDA device's), from False ("auto" only) to True to "blocks". Without a known budget (CPU) "auto" and True
-    are True."""
+def budget(device):
+    """(bytes, counts_weights, words): what a step may hold on `device`. A GPU: 90% of its memory, the weights
+    included (ComfyUI may have them elsewhere until the step loads them). The CPU: 90% of the RAM available now,
+    beside the weights, which are in RAM already."""
+    gib = 1024 ** 3
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        return 0.9 * total, True, f"90% of the GPU's {total / gib:.1f} GiB"
+    available = available_ram()
+    return 0.9 * available, False, f"90% of the {available / gib:.1f} GiB of RAM available"
+
+
+def available_ram():
+    """Bytes of RAM the system can give without swapping (Linux's MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges=(), limit=None, probed=None):
+    """(choice, reason): the gradient checkpointing a step runs with and why. `TrainConfig.gradient_checkpointing`
+    when it is False or "blocks"; otherwise the least recomputation whose estimate fits the device's `budget`
+    (`limit`: that budget given instead, as `budget` returns it), from False ("auto" only) to True to "blocks".
+    Where recomputation saves nothing (ddpo, graft and pgraft differentiate one model call at a time) the estimates
+    of False and True are equal, so "auto" never recomputes for nothing."""
     forced = c.gradient_checkpointing
     if forced is False or forced == "blocks":
-        return forced
-    device = backend.device
-    if device_total is None:
-        if device.type != "cuda":
-            return True
-        device_total = torch.cuda.mem_get_info(device)[1]
-    probed = probe(c, backend, reward, dtype)
+        return forced, "as set"
+    gib = 1024 ** 3
+    limit, counts_weights, words = limit or budget(backend.device)
+    probed = probed or probe(c, backend, reward, dtype)
+    needed = {}
     for choice in ([False] if forced == "auto" else []) + [True]:
-        if estimate(c, backend, reward, params, dtype, judges, choice, probed)["total"] <= 0.9 * device_total:
-            return choice
-    return "blocks"
+        e = estimate(c, backend, reward, params, dtype, judges, choice, probed)
+        needed[choice] = e["total"] - (0 if counts_weights else e["weights"])
+        if needed[choice] <= limit:
+            if choice is True and forced is True:
+                return True, "as set"
+            why = f"the step's estimated {needed[choice] / gib:.2f} GiB fits in {words}"
+            if choice is True:
+                why += f" (without recomputation {needed[False] / gib:.2f} GiB would not)"
+            return choice, why
+    return "blocks", f"each UNet call would hold {needed[True] / gib:.2f} GiB, over {words}"
 
 
 def describe(e):

@@ -62,7 +62,7 @@ class TrainConfig:
     precision: str = "auto"      # auto | fp32 | bf16 | fp16 (autocast; LoRA weights stay fp32)
     # Gradient checkpointing (recompute in the backward pass): True (each differentiated UNet call, each decoder
     # block; on CUDA also each UNet block when a call does not fit), "blocks" (always each UNet block too), False
-    # (nothing), "auto" (the least recomputation that fits the device by the memory estimate; True off CUDA):
+    # (nothing), "auto" (the least recomputation that fits the GPU, or the CPU's free RAM, by the memory estimate):
     # `memory.choose_gradient_checkpointing`.
     gradient_checkpointing: bool | str = "auto"
     reward_resolution: int = 0   # decode for the reward at this size (latents resized first; 0: full size)
@@ -250,6 +250,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.rounds = policy.Rounds(config)  # ddpo/graft/pgraft: each micro-batch's round of samples, DDPO's statistics
         self.gradient_checkpointing = None  # False, True or "blocks": chosen once, before the first step
+        self.gradient_checkpointing_reason = None
+        self._probed = None
         with torch.inference_mode(False):  # frozen: no float32 master copy needed, half the memory in bf16/fp16
             self.reward = cast_copy(reward, backend.device, self.dtype)
 
@@ -403,10 +405,21 @@ class Trainer:
 
     def choose_gradient_checkpointing(self):
         """The gradient checkpointing steps run with (False, True or "blocks"): the config's, chosen once by the
-        memory estimate where it leaves the choice open (`memory.choose_gradient_checkpointing`)."""
+        memory estimate where it leaves the choice open (`memory.choose_gradient_checkpointing`); the choice and its
+        reason are logged and kept in `gradient_checkpointing_reason`."""
         if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = memory.choose_gradient_checkpointing(**self.memory_inputs())
+            choice, why = memory.choose_gradient_checkpointing(**self.memory_inputs(), probed=self.probed())
+            name = {False: "off", True: "on"}.get(choice, choice)
+            self.gradient_checkpointing = choice
+            self.gradient_checkpointing_reason = f"gradient checkpointing {name}: {why}"
+            logging.info("DRaFT: %s", self.gradient_checkpointing_reason)
         return self.gradient_checkpointing
+
+    def probed(self):
+        """`memory.probe` of this configuration, run once."""
+        if self._probed is None:
+            self._probed = memory.probe(self.config, self.backend, self.reward, self.dtype)
+        return self._probed
 
     def memory_inputs(self):
         """What a step's memory depends on, as `memory.estimate` takes it."""
@@ -417,7 +430,8 @@ class Trainer:
     def memory_estimate(self):
         """Estimated peak device memory of a step (see `memory`), with the gradient checkpointing it runs with
         (`choose_gradient_checkpointing`); raises MemoryError if it cannot fit."""
-        estimate = memory.estimate(**self.memory_inputs(), gradient_checkpointing=self.choose_gradient_checkpointing())
+        estimate = memory.estimate(**self.memory_inputs(), gradient_checkpointing=self.choose_gradient_checkpointing(),
+                                   probed=self.probed())
         memory.check_fits(estimate, self.backend.device)
         return estimate
 

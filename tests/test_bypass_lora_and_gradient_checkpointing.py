@@ -225,27 +225,46 @@ def test_unet_blocks_and_batched_copies_equal_the_plain_path_comfyui(comfyui, ti
 
 
 @pytest.mark.slow
-def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path):
-    """The policy a CUDA device gets, simulated on the CPU with a given device memory."""
+def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path, monkeypatch):
+    """On a GPU's memory (simulated on the CPU with a given budget) and on the CPU's available RAM (patched): off when
+    the estimate fits without recomputation, else each call, else each block."""
     from test_trainer import config
     from tiny_diffusers import tiny_pixel_backend
 
     from comfy_draft import memory, rewards
     from comfy_draft.trainer import Trainer
-    trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
-                      config(width=32, height=32, batch_size=2, lv_samples=2))
+
+    def trainer_for(**overrides):
+        return Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("sharpness"),
+                       config(width=32, height=32, batch_size=2, lv_samples=2, **overrides))
+    trainer = trainer_for()
     assert trainer.gradient_checkpointing is None  # chosen once, before the first step (no property runs passes)
     assert trainer.config.gradient_checkpointing == "auto"
-    assert trainer.choose_gradient_checkpointing() is True and trainer.gradient_checkpointing is True  # CPU: no budget
     inputs = trainer.memory_inputs()
-    probed = memory.probe(inputs["c"], inputs["backend"], inputs["reward"], inputs["dtype"])
-    off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=probed)["total"] for c in (False, True))
-    assert on < off
-    assert memory.choose_gradient_checkpointing(**inputs, device_total=off / 0.89) is False
-    assert memory.choose_gradient_checkpointing(**inputs, device_total=on / 0.89) is True
-    assert memory.choose_gradient_checkpointing(**inputs, device_total=on / 0.95) == "blocks"
-    for forced, total in ((True, 10 * off), (False, on / 2), ("blocks", 10 * off)):
+    off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=trainer.probed()) for c in (False, True))
+    assert on["total"] < off["total"]
+
+    def gpu(total):  # a GPU's budget counts the weights
+        return memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"), probed=trainer.probed())[0]
+    assert gpu(off["total"]) is False and gpu(off["total"] - 1) is True
+    assert gpu(on["total"]) is True and gpu(on["total"] - 1) == "blocks"
+    for forced, total in ((True, 10 * off["total"]), (False, on["total"] / 2), ("blocks", 10 * off["total"])):
         trainer.config.gradient_checkpointing = forced  # the user's choice stands (True: at least each call)
-        assert memory.choose_gradient_checkpointing(**inputs, device_total=total) is forced
+        assert gpu(total) is forced
+
+    # The CPU: the weights are in RAM already; the rest must fit in 90% of the RAM available.
+    for ram, expected in ((off["total"] - off["weights"], False), (on["total"] - on["weights"], True)):
+        monkeypatch.setattr(memory, "available_ram", lambda: ram / 0.9)
+        cpu = trainer_for()
+        assert cpu.choose_gradient_checkpointing() is expected
+        assert cpu.gradient_checkpointing_reason.startswith(f"gradient checkpointing {'off' if not expected else 'on'}:")
+        assert "of RAM available" in cpu.gradient_checkpointing_reason
+    # ddpo differentiates one model call at a time: checkpointing saves nothing, so auto goes from off to blocks
+    ddpo = trainer_for(variant="ddpo")
+    inputs = ddpo.memory_inputs()
+    off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=ddpo.probed())["total"] for c in (False, True))
+    assert off == on
+    assert [memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"), probed=ddpo.probed())[0]
+            for total in (off, off - 1)] == [False, "blocks"]
     with pytest.raises(ValueError, match="gradient_checkpointing must be"):
         config(gradient_checkpointing="sometimes").check()
