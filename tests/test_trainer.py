@@ -55,6 +55,27 @@ def test_variant_semantics_and_lora_gradients(tmp_path, variant, k, expected):
     assert sum(g.abs().sum() for g in ups) > 0  # (down's gradient is zero while up is at its zero init)
 
 
+@pytest.mark.parametrize("rank", [4, 16])
+def test_lora_initialisation_is_peft_gaussian(rank):
+    """The scale of the LoRA's start (which sets how far each Adam step moves the model): down as peft's
+    init_lora_weights="gaussian" draws lora_A (TRL's AlignProp and DDPO), up zero; not kaiming-uniform, whose
+    standard deviation on this 640-wide layer would be a quarter of it at rank 4."""
+    import peft
+    from comfy_draft.lora import LoRA
+
+    torch.manual_seed(0)
+    ours = LoRA((320, 640), rank)
+    layer = torch.nn.Sequential(torch.nn.Linear(640, 320))
+    theirs = peft.get_peft_model(layer, peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                        target_modules=["0"])).base_model.model[0]
+    expected = theirs.lora_A["default"].weight.std().item()
+    samples = rank * 640
+    tolerance = 5 / (2 * samples) ** 0.5  # five standard errors of a sample standard deviation
+    assert abs(ours.down.std().item() / expected - 1) < 2 * tolerance
+    assert abs(ours.down.std().item() * rank - 1) < tolerance and abs(ours.down.mean().item()) * rank < 5 / samples ** 0.5
+    assert not ours.up.any() and not theirs.lora_B["default"].weight.any()
+
+
 def test_lv_renoised_inputs_are_detached_x0_plus_sigma_eps():
     seen, w = [], torch.tensor(0.5, requires_grad=True)
 
