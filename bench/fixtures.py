@@ -320,6 +320,7 @@ def instrumented(trainer, clock):
     setup (prompts, noise, ComfyUI's sampling setup) -> sampling (no-grad calls) -> differentiated
     (forward of the differentiated calls) -> decode -> reward -> backward (including the recomputation of
     checkpointed calls) -> other (ComfyUI's cleanup) -> optimizer (clipping, AdamW, metrics)."""
+    trainer.choose_gradient_checkpointing()  # by the memory estimate, which needs the reward itself
     backend, run, decode, reward = trainer.backend, trainer.backend.run, trainer.backend.decode, trainer.reward
 
     def timed_run(fn, *args, **kwargs):

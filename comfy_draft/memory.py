@@ -113,8 +113,8 @@ def autocast(device, dtype):
 def probe(c, backend, reward, dtype=None):
     """What the pieces of one step of `TrainConfig` `c` hold at the probe size, for 1 and 2 images: saved bytes of one
     UNet call, decode and reward call without recomputation, and the peak of forward + backward of one UNet call with
-    its blocks recomputed ("unet_blocks") and of one recomputed decode ("decode_recomputed"); `dtype`: the autocast
-    dtype."""
+    its blocks recomputed ("unet_blocks") and of one recomputed decode ("decode_recomputed"); whether the model
+    trains without recomputation at all ("changes_saved", `changes_saved_tensors`); `dtype`: the autocast dtype."""
     shape = backend.latent_shape(c.batch_size, c.height, c.width)
     side = min(PROBE_LATENT, shape[-1], shape[-2])
 
@@ -125,6 +125,9 @@ def probe(c, backend, reward, dtype=None):
             with autocast(backend.device, dtype):
                 sigma = sigmas[-2] * x.new_ones(batch)
                 sizes["unet"] = saved_bytes(lambda: model(x, sigma))
+                if batch == 1:  # (saved_bytes's hooks skip autograd's version check: a plain call)
+                    x_in = x.detach().requires_grad_(True)
+                    sizes["changes_saved"] = changes_saved_tensors(model(x_in, sigma), x_in)
                 latent = x.detach().requires_grad_(True)
                 sizes["decode"] = saved_bytes(lambda: backend.decode(latent, recompute=False))
                 sizes["decode_recomputed"] = peak_bytes(
@@ -147,6 +150,19 @@ def probe(c, backend, reward, dtype=None):
 
     with torch.inference_mode(False), torch.enable_grad():
         return at(1), at(2), shape[-2] * shape[-1] / side ** 2
+
+
+def changes_saved_tensors(output, x):
+    """Whether backward from `output` to `x` finds a tensor it saved changed in place since (ComfyUI's Flux and SD3
+    blocks add into their input, `img += ...`): such a model trains only with its calls recomputed, whose
+    recomputed tensors are not checked."""
+    try:
+        torch.autograd.grad(output.sum(), x)
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        return True
+    return False
 
 
 def estimate(c, backend, reward, params, dtype=None, judges=(), gradient_checkpointing=True, probed=None):
@@ -203,7 +219,8 @@ def available_ram():
 def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges=(), limit=None, probed=None):
     """(choice, reason): the gradient checkpointing a step runs with and why. `TrainConfig.gradient_checkpointing`
     when it is False or "blocks"; otherwise the least recomputation whose estimate fits the device's `budget`
-    (`limit`: that budget given instead, as `budget` returns it), from False ("auto" only) to True to "blocks".
+    (`limit`: that budget given instead, as `budget` returns it), from False ("auto" only) to True to "blocks";
+    `probed`: the `probe` to reuse, or a function that returns it (called only when the choice is open).
     Where recomputation saves nothing (ddpo, graft and pgraft differentiate one model call at a time) the estimates
     of False and True are equal, so "auto" never recomputes for nothing."""
     forced = c.gradient_checkpointing
@@ -211,16 +228,19 @@ def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges
         return forced, "as set"
     gib = 1024 ** 3
     limit, counts_weights, words = limit or budget(backend.device)
-    probed = probed or probe(c, backend, reward, dtype)
+    probed = (probed() if callable(probed) else probed) or probe(c, backend, reward, dtype)
     needed = {}
-    for choice in ([False] if forced == "auto" else []) + [True]:
+    changes_saved = probed[0]["changes_saved"]
+    for choice in ([False] if forced == "auto" and not changes_saved else []) + [True]:
         e = estimate(c, backend, reward, params, dtype, judges, choice, probed)
         needed[choice] = e["total"] - (0 if counts_weights else e["weights"])
         if needed[choice] <= limit:
             if choice is True and forced is True:
                 return True, "as set"
             why = f"the step's estimated {needed[choice] / gib:.2f} GiB fits in {words}"
-            if choice is True:
+            if choice is True and changes_saved:
+                why += " (the model changes tensors in place that its backward needs: it trains only recomputed)"
+            elif choice is True:
                 why += f" (without recomputation {needed[False] / gib:.2f} GiB would not)"
             return choice, why
     return "blocks", f"each UNet call would hold {needed[True] / gib:.2f} GiB, over {words}"

@@ -317,6 +317,11 @@ class Trainer:
         except torch.OutOfMemoryError as e:
             raise torch.OutOfMemoryError(f"{e}\n\nDRaFT ran out of device memory at step {self.step + 1} (batch "
                                          f"{c.batch_size}, {c.width}x{c.height}); to fit: {memory.ADVICE}") from e
+        except RuntimeError as e:
+            if self.gradient_checkpointing is False and "modified by an inplace operation" in str(e):
+                raise RuntimeError(f"{e}\n\nThis model changes tensors in place that its backward needs (ComfyUI's "
+                                   f"Flux and SD3 blocks do): train it with gradient checkpointing on or auto") from e
+            raise
         # Averaged while still scaled, so an fp16 overflow on any process makes every process skip the step.
         distributed.average_gradients(self.params)
         rewards = distributed.gather(torch.cat([o["rewards"].flatten() for o in outs]))
@@ -408,7 +413,7 @@ class Trainer:
         memory estimate where it leaves the choice open (`memory.choose_gradient_checkpointing`); the choice and its
         reason are logged and kept in `gradient_checkpointing_reason`."""
         if self.gradient_checkpointing is None:
-            choice, why = memory.choose_gradient_checkpointing(**self.memory_inputs(), probed=self.probed())
+            choice, why = memory.choose_gradient_checkpointing(**self.memory_inputs(), probed=self.probed)
             name = {False: "off", True: "on"}.get(choice, choice)
             self.gradient_checkpointing = choice
             self.gradient_checkpointing_reason = f"gradient checkpointing {name}: {why}"

@@ -285,8 +285,10 @@ def lora_gradients(objects, offload=None, setup=None, **overrides):
 
     backend = TrainingBackend(*objects, offload=offload)
     config = TrainConfig(**{**dict(prompts=["a red apple"], steps=1, sampling_steps=3, cfg=4.0, width=64, height=64,
-                                   batch_size=1, lr=1e-3, seed=0, max_grad_norm=0, lv_samples=1), **overrides})
+                                   batch_size=1, lr=1e-3, seed=0, max_grad_norm=0, lv_samples=1,
+                                   gradient_checkpointing=True), **overrides})
     trainer = Trainer(backend, rewards.builtin_reward("brightness"), config)
+    trainer.choose_gradient_checkpointing()  # the memory probe's UNet calls, before `setup` and the step's
     if setup is not None:
         setup(backend)
     with torch.inference_mode():
@@ -333,6 +335,9 @@ def test_backward_is_exact_with_offloaded_weights_in_a_shared_cast_buffer(tiny_o
     with pytest.raises(AssertionError):
         torch.testing.assert_close(wrong, reference, **tolerance)
     torch.testing.assert_close(lora_gradients(tiny_objects, offload=True, setup=setup), reference, **tolerance)
+    # Offloaded, each call is recomputed even when checkpointing is off (what "auto" picks when memory allows)
+    off = lora_gradients(tiny_objects, offload=True, setup=setup, gradient_checkpointing=False)
+    torch.testing.assert_close(off, reference, **tolerance)
 
 
 @pytest.mark.slow
@@ -353,14 +358,15 @@ def test_recompute_sees_the_forwards_shapes_when_cond_batching_follows_free_memo
     monkeypatch.setattr(openaimodel.UNetModel, "forward", counted)
     # ComfyUI's cond batching follows this figure: with no free memory cond and uncond go one at a time
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, device: 0.0)
-    lora_gradients(tiny_objects)
+    def clear(backend):
+        batches["forward"].clear(), batches["backward"].clear()
+    lora_gradients(tiny_objects, setup=clear)
     assert batches["forward"] == {1}, batches
 
     def get_free_memory(self, device):  # room to batch in the forward pass, none while backward recomputes
         return 0.0 if torch._C._current_graph_task_id() != -1 else 1e15
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", get_free_memory)
-    batches["forward"].clear(), batches["backward"].clear()
-    torch.testing.assert_close(lora_gradients(tiny_objects), reference, rtol=1e-4,
+    torch.testing.assert_close(lora_gradients(tiny_objects, setup=clear), reference, rtol=1e-4,
                                atol=1e-6 * reference.abs().max().item())
     # cond + uncond batched in the forward pass, and the recomputation saw the forward's shapes despite no memory
     assert batches == {"forward": {2}, "backward": {2}}, batches

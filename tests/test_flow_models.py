@@ -126,6 +126,7 @@ def test_flow_family_trains_through_the_node_and_its_lora_loads_in_comfyui_with_
                          seed=0, lora_name=f"draft_{family}")
     patched, path, _, final_reward = out["result"]
     assert math.isfinite(final_reward)
+    print(out["ui"]["text"][0])
     state_dict, metadata = load_kohya_file(path)
     assert metadata["ss_base_model_version"] == FAMILIES[family][2]
     config = json.loads(metadata["comfy_draft_config"])

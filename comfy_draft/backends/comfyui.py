@@ -422,7 +422,8 @@ class TrainingBackend(SamplingBackend):
     - LoRAs attach as bypass forward hooks on the copy's projections (`lora.attach`); guidance, SDXL conds and
       other patches keep working through ComfyUI.
     - `session()` loads the UNet once for the whole run: fully when it fits, else offloaded with every
-      weight-casting op recomputed on its own (`offload`: None decides by free device memory). Each sampling call
+      weight-casting op recomputed on its own and each UNet call recomputed whatever the checkpointing (`offload`:
+      None decides by free device memory). Each sampling call
       prepares the model the same way (a prepare-sampling wrapper, as ComfyUI's TrainGuider does), so ComfyUI
       never partially unloads it between steps.
     - Gradient checkpointing wraps each UNet call inside the guided call (an apply-model wrapper), not the guided
@@ -481,7 +482,8 @@ class TrainingBackend(SamplingBackend):
                 del m.forward
 
     def run(self, fn, prompts, negative_prompt, cfg, noise, steps, recompute=False):
-        self.recompute = recompute
+        # Offloaded, the weight casts share buffers that later casts overwrite: only a recomputed call reads its own.
+        self.recompute = recompute or self.offloaded
         try:
             with in_training():  # `fn` runs backward in it
                 return super().run(fn, prompts, negative_prompt, cfg, noise, steps)
