@@ -20,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .policy import TIMESTEPS_PER_CALL
 from .policy import VARIANTS as ONE_CALL_VARIANTS  # they differentiate one model call at a time
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
@@ -178,6 +179,8 @@ def estimate(c, backend, reward, params, dtype=None, judges=(), gradient_checkpo
 
     if c.variant in ONE_CALL_VARIANTS:  # one model call with gradient at a time; samples, decode, reward without
         images = c.batch_size * (c.accepted_per_prompt if c.variant != "ddpo" else 1)
+        if c.variant == "ddpo" and not gradient_checkpointing:  # its update batches timesteps per call
+            images *= min(TIMESTEPS_PER_CALL, max(1, round(c.timestep_fraction * (c.sampling_steps - 1))))
         activations = cost("unet_blocks" if gradient_checkpointing == "blocks" else "unet", images=images)
     else:
         rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1
@@ -221,8 +224,9 @@ def choose_gradient_checkpointing(c, backend, reward, params, dtype=None, judges
     when it is False or "blocks"; otherwise the least recomputation whose estimate fits the device's `budget`
     (`limit`: that budget given instead, as `budget` returns it), from False ("auto" only) to True to "blocks";
     `probed`: the `probe` to reuse, or a function that returns it (called only when the choice is open).
-    Where recomputation saves nothing (ddpo, graft and pgraft differentiate one model call at a time) the estimates
-    of False and True are equal, so "auto" never recomputes for nothing."""
+    ddpo, graft and pgraft differentiate one model call at a time, which they never recompute (only "blocks" does):
+    for graft and pgraft False and True are the same; for ddpo, True is one timestep per call instead of
+    `policy.TIMESTEPS_PER_CALL`. So "auto" never recomputes for nothing."""
     forced = c.gradient_checkpointing
     if forced is False or forced == "blocks":
         return forced, "as set"

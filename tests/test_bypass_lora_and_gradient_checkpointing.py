@@ -260,12 +260,16 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path, mo
         assert cpu.choose_gradient_checkpointing() is expected
         assert cpu.gradient_checkpointing_reason.startswith(f"gradient checkpointing {'off' if not expected else 'on'}:")
         assert "of RAM available" in cpu.gradient_checkpointing_reason
-    # ddpo differentiates one model call at a time: checkpointing saves nothing, so auto goes from off to blocks
-    ddpo = trainer_for(variant="ddpo")
-    inputs = ddpo.memory_inputs()
-    off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=ddpo.probed())["total"] for c in (False, True))
-    assert off == on
-    assert [memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"), probed=ddpo.probed())[0]
-            for total in (off, off - 1)] == [False, "blocks"]
+    # graft's update is one model call: recomputing it saves nothing, so auto goes from off to blocks. ddpo's update
+    # batches 4 timesteps per call when off, one when on (nothing recomputed either way).
+    for variant, choices in (("graft", [False, "blocks"]), ("ddpo", [False, True, "blocks"])):
+        policy = trainer_for(variant=variant, sampling_steps=6)
+        inputs = policy.memory_inputs()
+        off, on = (memory.estimate(**inputs, gradient_checkpointing=c, probed=policy.probed())["total"]
+                   for c in (False, True))
+        assert (off == on) == (variant == "graft") and off >= on
+        limits = [off, off - 1] + ([on - 1] if on < off else [])
+        assert [memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"),
+                                                     probed=policy.probed())[0] for total in limits] == choices
     with pytest.raises(ValueError, match="gradient_checkpointing must be"):
         config(gradient_checkpointing="sometimes").check()

@@ -116,6 +116,27 @@ def test_ppo_ratio_is_exactly_one_on_the_first_inner_epoch_and_a_round_serves_in
     assert trainer.rounds[0] is not round_  # a new round every inner_epochs steps
 
 
+def test_ddpo_update_with_timesteps_batched_per_call_equals_one_call_per_timestep(tmp_path):
+    """Off (memory allows), the update runs TIMESTEPS_PER_CALL timesteps per model call with per-sample sigmas; on,
+    one per call: the same samples, losses and LoRA gradients (float32 summation order aside), two updates (the
+    second with old log-probabilities of its own)."""
+    def gradients(checkpointing):
+        trainer = Trainer(tiny_pixel_backend(tmp_path), rewards.builtin_reward("brightness"),
+                          config(prompts=PROMPTS[:1], sampling_steps=7, inner_epochs=2,
+                                 gradient_checkpointing=checkpointing,
+                                 stat_min_count=1, max_grad_norm=0))
+        out = []
+        for _ in range(2):
+            metrics, _ = trainer.train_step()
+            out.append((metrics, torch.cat([p.grad.flatten() for p in trainer.params])))
+        assert policy.timesteps_per_call(trainer) == (policy.TIMESTEPS_PER_CALL if checkpointing is False else 1)
+        return out
+    for (batched, g), (single, e) in zip(gradients(False), gradients(True)):
+        assert batched["reward"] == single["reward"]
+        assert abs(batched["loss"] - single["loss"]) <= 1e-5 * abs(single["loss"]) + 1e-7
+        assert (g - e).norm() <= 1e-4 * e.norm() and e.norm() > 0
+
+
 def test_ddpo_run_resumed_mid_round_equals_an_uninterrupted_one(tmp_path):
     reward = rewards.builtin_reward("brightness")
     settings = dict(steps=3, inner_epochs=2, stat_min_count=2, timestep_fraction=0.3)
