@@ -265,6 +265,58 @@ def test_flux_lora_loads_in_diffusers_with_every_module_converted(comfyui, tmp_p
     assert len(converted) == 19 * 12 + 38 * 5, len(converted)
 
 
+def test_zimage_lora_loads_in_diffusers_with_every_module_converted(comfyui, tmp_path):
+    """diffusers' converter for non-diffusers Z-Image LoRAs (`ZImagePipeline.lora_state_dict`) maps every module of
+    a LoRA file the pack writes for Z-Image onto a Linear of diffusers' Z-Image transformer of the same shape, and
+    the converted LoRA is the same weight change: the fused qkv split into to_q/k/v, alpha / rank folded in. At real
+    size (Z-Image's 30 layers and 2 + 2 refiners, width 3840), rank 2 with alpha 1, random up and down."""
+    import comfy.ops
+    from comfy.ldm.lumina.model import NextDiT
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from safetensors.torch import load_file
+    from tiny_flow import TINY_ZIMAGE
+
+    from comfy_draft.backends.comfyui import FLOW_FAMILIES
+    from comfy_draft.lora import LoRASet, kohya_name
+    targets = next(f.targets for f in FLOW_FAMILIES if f.version == "z_image")
+    real = dict(TINY_ZIMAGE, dim=3840, n_heads=30, n_kv_heads=30, n_layers=30, n_refiner_layers=2)
+    with torch.device("meta"):
+        comfy_model = NextDiT(**real, operations=comfy.ops.disable_weight_init)
+        transformer = ZImageTransformer2DModel()  # Z-Image's defaults
+    suffixes = tuple("." + t for t in targets)
+    paths = {n: m.weight.shape for n, m in comfy_model.named_modules() if n.endswith(suffixes)}
+    assert len(paths) == 34 * 5
+    loras = LoRASet({kohya_name(n): shape for n, shape in paths.items()}, rank=2, alpha=1.0)
+    with torch.no_grad():
+        for lora in loras.values():
+            lora.up.normal_()
+    path = loras.save(tmp_path / "zimage.safetensors")
+    written = {k: v.double() for k, v in load_file(path).items()}
+    converted = {k.removeprefix("transformer."): v.double() for k, v in ZImagePipeline.lora_state_dict(str(path)).items()}
+    linears = {n: m.weight.shape for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len({k.split(".lora_")[0] for k in converted}) == 34 * 7  # per block: to_q, to_k, to_v, to_out.0, w1-w3
+
+    def diffusers_delta(module, x):
+        """The converted LoRA's weight change on x (a random projection of the matrix: no 3840^2 products)."""
+        b, a = converted.pop(module + ".lora_B.weight"), converted.pop(module + ".lora_A.weight")
+        assert (b.shape[0], a.shape[1]) == linears[module], module
+        return b @ (a @ x)
+
+    for module in paths:  # ComfyUI's module path -> diffusers' (the original repository's names -> diffusers')
+        name = kohya_name(module)
+        up, down = written[name + ".lora_up.weight"], written[name + ".lora_down.weight"]
+        x = torch.randn(down.shape[1], 4, dtype=torch.float64)
+        delta = written[name + ".alpha"] / 2 * up @ (down @ x)
+        if module.endswith("attention.qkv"):
+            split = torch.cat([diffusers_delta(module.replace(".qkv", ".to_" + p), x) for p in "qkv"])
+        else:
+            split = diffusers_delta(module.replace("attention.out", "attention.to_out.0"), x)
+        # diffusers folds alpha / rank = 1/2 into the fp16 down: halving an fp16 subnormal rounds it by <= 2^-25
+        bound = 2 ** -25 * up.abs().sum(1, keepdim=True) * x.abs().sum(0) + 1e-12 * delta.abs().max()
+        assert ((split - delta).abs() <= bound).all(), module
+    assert not converted, sorted(converted)  # every converted key was one of the file's modules
+
+
 def test_flow_inversion_returns_the_latents_through_sampler_custom_advanced(comfyui, flow_objects):
     """Inverse noise correction on a flow model: the noise DRaFT Invert To Noise finds for Flux.1 schnell latents,
     sampled by ComfyUI's own CFGGuider with the `euler` sampler on the node's sigmas (what SamplerCustomAdvanced
