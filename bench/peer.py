@@ -1,6 +1,7 @@
 """Side by side with the peer: TRL's AlignProp and DDPO trainers against the pack's trainer, on this machine.
 
     .venv/bin/python bench/peer.py [--rounds 3] [--steps 12] [--rows alignprop-k1 alignprop-rand ddpo]
+                                   [--pack-checkpointing auto|on|blocks|off]
 
 trl 0.12.2 is the last release with `AlignPropTrainer` and `DDPOTrainer`; it runs in its own venv,
 .cache/peer-venv (built on first use with the versions in PEER, the project's torch pinned by constraints.txt so
@@ -10,13 +11,16 @@ DDIM schedule, sampling steps, cfg, batch, learning rate and gradient clipping. 
 process, and the systems alternate within each round. Per run: seconds per optimizer step (median over the steps
 after the first), reward queries per second, the peak of live tensor bytes over one step (`memory.LiveBytes`, both
 systems, so device-independent) and the process's peak RSS, and the reward of fixed-noise eta-0 samples (the same
-noise for both) before and after training: the reward gained per query. Writes bench/results/peer_cpu.{md,json}.
+noise for both) before and after training: the reward gained per query. Writes bench/results/peer_cpu.{md,json}
+(`--out`).
 
 Rows: alignprop-k1 (TRL: truncated_backprop_rand=False, the last step differentiated; the pack: draft-k, K = 1),
 alignprop-rand (TRL: truncated_backprop_rand over (0, T); the pack: alignprop), ddpo (TRL: DDPOTrainer; the pack:
-ddpo). The pack runs at its defaults (gradient checkpointing "auto", precision "auto"); TRL at its own, except
+ddpo). The pack runs at its defaults (gradient checkpointing "auto": `--pack-checkpointing` sets it; precision
+"auto"); TRL at its own (it recomputes each UNet call, AlignProp always, DDPO never), except
 where a setting is shared (mixed precision "no": fp32 on the CPU as the pack's "auto"; DDIM eta 0 for AlignProp's
-samples, as the pack's sampler; no checkpoint saving every epoch).
+samples, as the pack's sampler; no checkpoint saving every epoch). The differences that remain are listed with the
+results in the README ("Against the peer").
 """
 import argparse
 import json
@@ -128,7 +132,7 @@ def peak_step_bytes(step):
     return live.peak
 
 
-def run_pack(row, steps):
+def run_pack(row, steps, checkpointing="auto"):
     sys.path.insert(0, str(REPO))
     from comfy_draft.loading import load_backend
     from comfy_draft.sampling import sample_ddim
@@ -140,7 +144,8 @@ def run_pack(row, steps):
     config = TrainConfig(prompts=[PROMPT], variant=variant, grad_steps=1, steps=steps + 2,
                          sampling_steps=s["sampling_steps"], cfg=s["cfg"], width=s["size"], height=s["size"],
                          batch_size=s["batch"], lr=s["lr"], rank=s["rank"], alpha=s["rank"],
-                         max_grad_norm=s["max_grad_norm"], seed=s["seed"])
+                         max_grad_norm=s["max_grad_norm"], seed=s["seed"],
+                         gradient_checkpointing={"on": True, "off": False}.get(checkpointing, checkpointing))
     trainer = Trainer(backend, reward, config)
     trainer.memory_estimate()  # as a run starts: the checkpointing chosen
 
@@ -219,11 +224,11 @@ def measure(step, evaluate, steps, extra=None):
 
 # ----- the comparison ---------------------------------------------------------------------------------------------
 
-def one_run(system, row, steps):
+def one_run(system, row, steps, checkpointing):
     python = ensure_peer_venv() if system == "trl" else sys.executable
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
-    done = subprocess.run([str(python), __file__, "worker", system, row, str(steps)], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+    done = subprocess.run([str(python), __file__, "worker", system, row, str(steps), checkpointing],
+                          capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode:
         raise RuntimeError(f"{system} {row} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -264,13 +269,15 @@ def main():
         return build_pipeline(pathlib.Path(sys.argv[2]))
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         torch.set_num_threads(int(os.environ.get("PEER_THREADS", torch.get_num_threads())))
-        system, row, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
-        print(json.dumps((run_pack if system == "pack" else run_trl)(row, steps)))
+        system, row, steps, checkpointing = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+        print(json.dumps(run_pack(row, steps, checkpointing) if system == "pack" else run_trl(row, steps)))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="training steps per run")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--pack-checkpointing", default="auto", choices=("auto", "on", "blocks", "off"),
+                        help="the pack's gradient_checkpointing (auto: its default)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_cpu"))
     args = parser.parse_args()
     python = ensure_peer_venv()
@@ -283,15 +290,16 @@ def main():
         for row in args.rows:
             order = ("pack", "trl") if i % 2 == 0 else ("trl", "pack")  # alternate who goes first
             for system in order:
-                runs[row][system].append(one_run(system, row, args.steps))
+                runs[row][system].append(one_run(system, row, args.steps, args.pack_checkpointing))
                 r = runs[row][system][-1]
                 print(f"round {i + 1} {row} {system}: {statistics.median(r['seconds'][1:]):.3f} s/step, reward "
                       f"{r['before']:.5f} -> {r['after']:.5f}", flush=True)
     results = {row: {s: summary(r) for s, r in systems.items()} for row, systems in runs.items()}
     heading = (f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}, {torch.get_num_threads()} threads; pack: torch "
-               f"{torch.__version__}; TRL: {', '.join(PEER)}; {args.rounds} alternating rounds of {args.steps} steps; "
-               f"settings {SETTINGS}")
-    text = f"{heading}\n\n{table(results)}\n"
+               f"{torch.__version__}, gradient checkpointing {args.pack_checkpointing}; TRL: {', '.join(PEER)}; "
+               f"{args.rounds} alternating rounds of {args.steps} steps; settings {SETTINGS}")
+    text = f"{heading}\n\n{table(results)}\n\n" + "".join(
+        f"- the pack's {row}: {r['pack']['gradient_checkpointing']}\n" for row, r in results.items())
     print(text)
     with open(args.out + ".md", "w") as f:
         f.write(text)

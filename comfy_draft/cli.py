@@ -178,7 +178,8 @@ def train_parser(sub):
     p.add_argument("--no-gradient-checkpointing", "--no-checkpointing", dest="gradient_checkpointing",
                    action="store_false", default="auto",
                    help="keep activations instead of recomputing them (faster, more memory; default: recompute "
-                        "only what the memory estimate says the GPU, or the CPU's free RAM, needs; --no-checkpointing: its name until 0.2)")
+                        "only what the memory estimate says the GPU, or the CPU's free RAM, needs; "
+                        "--no-checkpointing: its name until 0.2)")
     v = ValidationConfig(prompts=[""])
     p.add_argument("--val-prompts", nargs="+", help="held-out prompts: validate every --val-every steps")
     p.add_argument("--val-seeds", type=int, default=len(v.seeds), help="held-out samples per prompt")

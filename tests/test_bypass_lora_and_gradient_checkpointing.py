@@ -246,7 +246,8 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path, mo
     assert on["total"] < off["total"]
 
     def gpu(total):  # a GPU's budget counts the weights
-        return memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"), probed=trainer.probed())[0]
+        return memory.choose_gradient_checkpointing(**inputs, limit=(total, True, "the GPU"),
+                                                    probed=trainer.probed())[0]
     assert gpu(off["total"]) is False and gpu(off["total"] - 1) is True
     assert gpu(on["total"]) is True and gpu(on["total"] - 1) == "blocks"
     for forced, total in ((True, 10 * off["total"]), (False, on["total"] / 2), ("blocks", 10 * off["total"])):
@@ -258,7 +259,8 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(tmp_path, mo
         monkeypatch.setattr(memory, "available_ram", lambda: ram / 0.9)
         cpu = trainer_for()
         assert cpu.choose_gradient_checkpointing() is expected
-        assert cpu.gradient_checkpointing_reason.startswith(f"gradient checkpointing {'off' if not expected else 'on'}:")
+        name = "on" if expected else "off"
+        assert cpu.gradient_checkpointing_reason.startswith(f"gradient checkpointing {name}:")
         assert "of RAM available" in cpu.gradient_checkpointing_reason
     # graft's update is one model call: recomputing it saves nothing, so auto goes from off to blocks. ddpo's update
     # batches 4 timesteps per call when off, one when on (nothing recomputed either way).

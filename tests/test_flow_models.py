@@ -292,7 +292,8 @@ def test_zimage_lora_loads_in_diffusers_with_every_module_converted(comfyui, tmp
             lora.up.normal_()
     path = loras.save(tmp_path / "zimage.safetensors")
     written = {k: v.double() for k, v in load_file(path).items()}
-    converted = {k.removeprefix("transformer."): v.double() for k, v in ZImagePipeline.lora_state_dict(str(path)).items()}
+    converted = ZImagePipeline.lora_state_dict(str(path))
+    converted = {k.removeprefix("transformer."): v.double() for k, v in converted.items()}
     linears = {n: m.weight.shape for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len({k.split(".lora_")[0] for k in converted}) == 34 * 7  # per block: to_q, to_k, to_v, to_out.0, w1-w3
 
