@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .policy import TIMESTEPS_PER_CALL
+from .policy import timesteps_per_call, trained_timesteps
 from .policy import VARIANTS as ONE_CALL_VARIANTS  # they differentiate one model call at a time
 
 PROBE_LATENT = 16  # latent side of the probe (128 px for SD); activations scale with the area beyond it
@@ -179,8 +179,8 @@ def estimate(c, backend, reward, params, dtype=None, judges=(), gradient_checkpo
 
     if c.variant in ONE_CALL_VARIANTS:  # one model call with gradient at a time; samples, decode, reward without
         images = c.batch_size * (c.accepted_per_prompt if c.variant != "ddpo" else 1)
-        if c.variant == "ddpo" and not gradient_checkpointing:  # its update batches timesteps per call
-            images *= min(TIMESTEPS_PER_CALL, max(1, round(c.timestep_fraction * (c.sampling_steps - 1))))
+        if c.variant == "ddpo":  # its update batches timesteps per call (the chain's last step, to sigma 0, is not one)
+            images *= min(timesteps_per_call(gradient_checkpointing), trained_timesteps(c, c.sampling_steps - 1))
         activations = cost("unet_blocks" if gradient_checkpointing == "blocks" else "unet", images=images)
     else:
         rewards_per_step = c.lv_samples if c.variant == "draft-lv" else 1

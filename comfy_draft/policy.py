@@ -208,7 +208,7 @@ def ddpo_round(trainer, g):
             images = backend.decode(trainer.for_reward(x0), False).float()
             rewards = trainer.reward(images, prompts).float()
         steps = policy_steps(sigmas)
-        count = max(1, round(c.timestep_fraction * len(steps)))
+        count = trained_timesteps(c, len(steps))
         chosen = [steps[i] for i in torch.randperm(len(steps), generator=g)[:count].tolist()]
         out.update(chain=chain, chosen=chosen, rewards=rewards, images=images.clamp(0, 1))
         return x0
@@ -221,14 +221,14 @@ def ddpo_round(trainer, g):
 
 def ddpo_update(trainer, round_, g):
     """PPO-clip over the round's chosen timesteps, one backward per model call; the first update's old
-    log-probabilities are its own (same weights, same inputs). Each call holds `timesteps_per_call(trainer)` timesteps
+    log-probabilities are its own (same weights, same inputs). Each call holds `timesteps_per_call` timesteps
     as one batch (per-sample sigmas), which on small models is much faster than a call per timestep."""
     c, backend = trainer.config, trainer.backend
     chosen, chain = round_["chosen"], round_["chain"]
     advantages = round_["advantages"].to(chain.device)
     first = round_["old_log_probs"] is None
     old_all, losses, shifts, ratios = [], [], [], []
-    per_call = timesteps_per_call(trainer)
+    per_call = timesteps_per_call(trainer.gradient_checkpointing)
 
     def fn(model, x, sigmas):
         for start in range(0, len(chosen), per_call):
@@ -265,10 +265,15 @@ def recomputation(trainer):
     return "blocks" if trainer.gradient_checkpointing == "blocks" else False
 
 
-def timesteps_per_call(trainer):
+def timesteps_per_call(gradient_checkpointing):
     """DDPO's update: TIMESTEPS_PER_CALL timesteps per model call where memory allows (gradient checkpointing off),
     else one."""
-    return TIMESTEPS_PER_CALL if trainer.gradient_checkpointing is False else 1
+    return TIMESTEPS_PER_CALL if gradient_checkpointing is False else 1
+
+
+def trained_timesteps(c, stochastic):
+    """How many of a chain's `stochastic` steps a DDPO round trains: `timestep_fraction` of them, at least one."""
+    return max(1, round(c.timestep_fraction * stochastic))
 
 
 def graft_round(trainer, g):

@@ -129,7 +129,8 @@ def test_ddpo_update_with_timesteps_batched_per_call_equals_one_call_per_timeste
         for _ in range(2):
             metrics, _ = trainer.train_step()
             out.append((metrics, torch.cat([p.grad.flatten() for p in trainer.params])))
-        assert policy.timesteps_per_call(trainer) == (policy.TIMESTEPS_PER_CALL if checkpointing is False else 1)
+        assert policy.timesteps_per_call(trainer.gradient_checkpointing) == (
+            policy.TIMESTEPS_PER_CALL if checkpointing is False else 1)
         return out
     for (batched, g), (single, e) in zip(gradients(False), gradients(True)):
         assert batched["reward"] == single["reward"]
